@@ -1,0 +1,32 @@
+"""The pure-numpy core: schemes, quantize/dequantize and error statistics. No I/O."""
+
+from .quantize import (
+    QuantizedTensor,
+    RowResult,
+    dequantize,
+    dequantize_rows,
+    get_num_threads,
+    qparams_from_range,
+    quantize,
+    quantize_rows,
+    set_num_threads,
+    value_range,
+)
+from .scheme import Scheme
+from .stats import ErrorStats, error_stats
+
+__all__ = [
+    "ErrorStats",
+    "QuantizedTensor",
+    "RowResult",
+    "Scheme",
+    "dequantize",
+    "dequantize_rows",
+    "error_stats",
+    "get_num_threads",
+    "qparams_from_range",
+    "quantize",
+    "quantize_rows",
+    "set_num_threads",
+    "value_range",
+]

@@ -1,0 +1,93 @@
+"""Error statistics between original and dequantized values, mergeable across chunks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class ErrorStats:
+    """Sums from which every reported statistic derives; ``merge`` adds two chunks.
+
+    Keeping sums (in float64) rather than finished statistics is what lets a tensor that is
+    processed in row chunks report exactly one set of numbers.
+
+    >>> s = error_stats(np.array([1.0, -2.0]), np.array([1.0, -1.5]))
+    >>> s.mse, s.max_abs_error
+    (0.125, 0.5)
+    """
+
+    count: int = 0
+    signal_energy: float = 0.0  # sum of x**2
+    error_energy: float = 0.0  # sum of (x - x_hat)**2
+    dequantized_energy: float = 0.0  # sum of x_hat**2
+    cross_energy: float = 0.0  # sum of x * x_hat
+    max_abs_error: float = 0.0
+
+    def merge(self, other: ErrorStats) -> ErrorStats:
+        return ErrorStats(
+            count=self.count + other.count,
+            signal_energy=self.signal_energy + other.signal_energy,
+            error_energy=self.error_energy + other.error_energy,
+            dequantized_energy=self.dequantized_energy + other.dequantized_energy,
+            cross_energy=self.cross_energy + other.cross_energy,
+            max_abs_error=max(self.max_abs_error, other.max_abs_error),
+        )
+
+    @property
+    def mse(self) -> float:
+        """Mean squared error; 0 for an empty tensor."""
+        return self.error_energy / self.count if self.count else 0.0
+
+    @property
+    def sqnr_db(self) -> float:
+        """10·log10(Σx² / Σ(x - x̂)²) in dB; ``inf`` when the round trip is exact."""
+        if self.error_energy == 0.0:
+            return math.inf
+        if self.signal_energy == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal_energy / self.error_energy)
+
+    @property
+    def cosine_similarity(self) -> float:
+        """Σx·x̂ / (‖x‖·‖x̂‖); 1 when both sides are all zeros (identical vectors)."""
+        norms = math.sqrt(self.signal_energy) * math.sqrt(self.dequantized_energy)
+        if norms == 0.0:
+            return 1.0 if self.signal_energy == self.dequantized_energy else 0.0
+        return self.cross_energy / norms
+
+
+def error_stats(original: npt.ArrayLike, dequantized: npt.ArrayLike) -> ErrorStats:
+    """Error statistics of ``dequantized`` against ``original`` (same shape).
+
+    >>> error_stats([3.0, 4.0], [3.0, 4.0]).sqnr_db
+    inf
+    """
+    x = np.asarray(original, dtype=np.float64).ravel()
+    x_hat = np.asarray(dequantized, dtype=np.float64).ravel()
+    if x.shape != x_hat.shape:
+        raise ValueError(f"shapes differ: {x.shape} and {x_hat.shape}")
+    return _stats_of(x, x_hat)
+
+
+def _stats_of(x: np.ndarray, x_hat: np.ndarray) -> ErrorStats:
+    """Statistics of two flat arrays of the same float dtype; float32 dots are taken per
+    tile by the caller, so their rounding stays local and the sums are float64."""
+    if x.size == 0:
+        return ErrorStats()
+    dequantized_energy = float(np.dot(x_hat, x_hat))
+    cross_energy = float(np.dot(x, x_hat))
+    signal_energy = float(np.dot(x, x))
+    error = x - x_hat
+    return ErrorStats(
+        count=int(x.size),
+        signal_energy=signal_energy,
+        error_energy=float(np.dot(error, error)),
+        dequantized_energy=dequantized_energy,
+        cross_energy=cross_energy,
+        max_abs_error=float(max(error.max(), -error.min())),
+    )
