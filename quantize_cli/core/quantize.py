@@ -49,6 +49,7 @@ from .stats import ErrorStats, _stats_of
 TILE_ELEMENTS = 1 << 16
 
 _FLOAT32_TINY = np.float32(np.finfo(np.float32).tiny)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -173,12 +174,52 @@ def qparams_from_range(
         exact = (high64 - low64) / 255.0
     scale = exact.astype(np.float32)
     scale = np.where((exact > 0) & (scale < _FLOAT32_TINY), _FLOAT32_TINY, scale)
+    zero_point = _zero_point(low64, scale, method)
+    # At the very top of float32's range, a scale rounded up would make the extreme code
+    # dequantize to infinity (127 · fl(3.4028235e38 / 127) overflows): round it down.
+    reach = np.maximum(127 - zero_point, zero_point + (127 if method == "absmax" else 128))
+    overflow = reach * scale.astype(np.float64) > _FLOAT32_MAX
+    if np.any(overflow):
+        scale = np.where(overflow, np.nextafter(scale, np.float32(0)), scale)
+        zero_point = _zero_point(low64, scale, method)
+        _check_finite_grid(low64, high64, scale, zero_point, method)
     if method == "absmax":
         return scale, None
+    return scale, zero_point.astype(np.int8)
+
+
+def _check_finite_grid(
+    low64: np.ndarray, high64: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+    method: str,
+) -> None:
+    """Refuse groups whose extreme values would dequantize to infinity.
+
+    This happens only for values within half a step of float32's largest value
+    (±3.4e38), where the rounded zero point pushes the grid past the float32 range; no
+    finite grid of that step can honour the s/2 bound there. The check mirrors the
+    kernel's float32 arithmetic on the group's extremes, which bound every other value.
+    """
+    lowest, highest = (-127, 127) if method == "absmax" else (-128, 127)
+    safe = np.where(scale == 0, np.float32(1), scale)
+    zero32 = zero_point.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for extreme in (low64.astype(np.float32), high64.astype(np.float32)):
+            codes = np.clip(np.rint(extreme / safe + zero32), lowest, highest)
+            if not np.isfinite((codes - zero32) * scale).all():
+                raise SchemeError(
+                    f"{method} cannot quantize values this close to the float32 limit "
+                    "(±3.4e38): the grid would overflow",
+                    hint="use absmax, which represents the extreme values exactly",
+                )
+
+
+def _zero_point(low64: np.ndarray, scale: np.ndarray, method: str) -> np.ndarray:
+    """z = clip(rint(-128 - lo / s), -128, 127) in float64; 0 for absmax and zero ranges."""
+    if method == "absmax":
+        return np.zeros(scale.shape)
     nonzero = scale > 0
     divisor = np.where(nonzero, scale, np.float32(1)).astype(np.float64)
-    zero_point = np.where(nonzero, np.clip(np.rint(-128.0 - low64 / divisor), -128, 127), 0)
-    return scale, zero_point.astype(np.int8)
+    return np.where(nonzero, np.clip(np.rint(-128.0 - low64 / divisor), -128, 127), 0.0)
 
 
 def _finite_range(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -404,7 +445,7 @@ def as_float32(values: npt.ArrayLike) -> npt.NDArray[np.float32]:
     if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"):
         raise SchemeError(f"only floating-point values can be quantized, got {array.dtype}")
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused
-        return np.ascontiguousarray(array, dtype=np.float32)
+        return np.asarray(array, dtype=np.float32, order="C")
 
 
 def quantize(

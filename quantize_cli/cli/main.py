@@ -1,0 +1,254 @@
+"""The ``qz`` command line: parse options, call the library, render the result.
+
+Exit codes: 0 success; 1 bad data or a failed run (one ``Error:`` line on stderr, no
+traceback); 2 bad usage (click); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from .. import __version__
+from ..core.scheme import Scheme
+from ..errors import QzError
+from ..pipeline import dequantize_checkpoint, inspect_checkpoint, quantize_checkpoint
+from ..storage.dtypes import OUTPUT_DTYPES
+from . import render
+
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(command: F) -> F:
+    """Turn qz's own errors into one line on stderr and exit 1; Ctrl-C into exit 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except QzError as error:
+            click.echo(f"Error: {render.display_text(error.message)}", err=True)
+            if error.hint:
+                click.echo(f"Hint: {render.display_text(error.hint)}", err=True)
+            sys.exit(EXIT_FAILURE)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; nothing was written.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _BarProgress:
+    """A rich progress bar over bytes on stderr."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.task: TaskID | None = None
+
+    def start(self, total_bytes: int) -> None:
+        self.task = self.bar.add_task("reading", total=total_bytes, tensor="")
+
+    def advance(self, nbytes: int, tensor: str) -> None:
+        assert self.task is not None
+        self.bar.update(self.task, advance=nbytes, tensor=render.display_text(tensor))
+
+
+class _progress_for:
+    """Context manager giving a progress reporter: a bar on a terminal, else nothing."""
+
+    def __init__(self, quiet: bool) -> None:
+        stderr = click.get_text_stream("stderr")
+        self.enabled = not quiet and stderr.isatty()
+        self.bar: Progress | None = None
+        if self.enabled:
+            self.bar = Progress(
+                TextColumn("{task.fields[tensor]}", markup=False),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=render.make_console(stderr, terminal=True),
+                transient=True,
+            )
+
+    def __enter__(self) -> _BarProgress | None:
+        if self.bar is None:
+            return None
+        self.bar.__enter__()
+        return _BarProgress(self.bar)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc_info)
+
+
+def _stdout_console() -> Any:
+    stdout = click.get_text_stream("stdout")
+    return render.make_console(stdout, terminal=stdout.isatty())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qz")
+def qz() -> None:
+    """Quantize safetensors checkpoints to INT8, inspect them and dequantize them.
+
+    \b
+    Example:
+      qz quantize model.safetensors --method affine --block 128
+      qz inspect model.int8.safetensors
+      qz dequantize model.int8.safetensors
+    """
+
+
+@qz.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output file (or folder for a sharded checkpoint). "
+                   "Default: beside INPUT, as NAME.int8.safetensors.")
+@click.option("--method", type=click.Choice(["absmax", "affine"]), default="absmax",
+              show_default=True, help="absmax: symmetric, s = max|x|/127. "
+                                      "affine: asymmetric with a zero point.")
+@click.option("--block", "block_size", type=click.IntRange(min=1), default=None,
+              help="Block-wise: one scale per N consecutive values of the last axis "
+                   "[default: 128].")
+@click.option("--per-channel", is_flag=True, help="One scale per output channel (row).")
+@click.option("--per-tensor", is_flag=True, help="One scale for the whole tensor.")
+@click.option("--include", multiple=True, metavar="GLOB",
+              help="Quantize exactly the float tensors whose names match (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Never quantize tensors whose names match (repeatable; wins over "
+                   "--include).")
+@click.option("--dry-run", is_flag=True,
+              help="Show what would be done and the output size; read headers only.")
+@click.option("--json", "json_target", metavar="FILE|-",
+              help="Write the report as JSON to FILE, or to stdout with '-'.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
+@reports_errors
+def quantize(
+    input_path: Path,
+    output: Path | None,
+    method: str,
+    block_size: int | None,
+    per_channel: bool,
+    per_tensor: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    dry_run: bool,
+    json_target: str | None,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Quantize INPUT (a .safetensors file, an index, or a model folder) to INT8.
+
+    Float tensors with at least 2 dimensions and 1024 elements are quantized; everything
+    else is copied unchanged. Prints the error of every tensor and the totals.
+
+    \b
+    Examples:
+      qz quantize model.safetensors --method affine --block 128
+      qz quantize llama-3-8b/ --per-channel -o llama-3-8b-int8/
+      qz quantize model.safetensors --exclude 'lm_head.*' --dry-run
+    """
+    chosen = [name for name, given in (("--block", block_size is not None),
+                                        ("--per-channel", per_channel),
+                                        ("--per-tensor", per_tensor)) if given]
+    if len(chosen) > 1:
+        raise click.UsageError(f"choose one granularity, not {' and '.join(chosen)}")
+    if per_channel:
+        scheme = Scheme(method, "channel", None)  # type: ignore[arg-type]
+    elif per_tensor:
+        scheme = Scheme(method, "tensor", None)  # type: ignore[arg-type]
+    else:
+        scheme = Scheme(method, "block", block_size or 128)  # type: ignore[arg-type]
+    with _progress_for(quiet or dry_run) as progress:
+        report = quantize_checkpoint(
+            input_path, output, scheme, include=include, exclude=exclude, force=force,
+            dry_run=dry_run, progress=progress,
+        )
+    document = render.quantize_json(report)
+    if json_target == "-":
+        click.echo(render.dump_json(document))
+        return
+    if json_target:
+        Path(json_target).write_text(render.dump_json(document) + "\n", encoding="utf-8")
+    if not quiet:
+        console = _stdout_console()
+        console.print(render.quantize_table(report))
+        console.print(render.quantize_summary(report))
+
+
+@qz.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@reports_errors
+def inspect(input_path: Path, as_json: bool) -> None:
+    """Show what INPUT holds, from its headers only: tensors, dtypes, shapes, sizes,
+    which tensors are quantized and how, metadata and totals.
+
+    \b
+    Example:
+      qz inspect model.int8.safetensors
+    """
+    report = inspect_checkpoint(input_path)
+    if as_json:
+        click.echo(render.dump_json(render.inspect_json(report)))
+    else:
+        _stdout_console().print(render.inspect_table(report))
+
+
+@qz.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output file (or folder). Default: beside INPUT, as "
+                   "NAME.dequant.safetensors.")
+@click.option("--dtype", type=click.Choice(["original", *OUTPUT_DTYPES]), default="original",
+              show_default=True, help="Dtype of the restored tensors.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@reports_errors
+def dequantize(input_path: Path, output: Path | None, dtype: str, force: bool,
+               quiet: bool) -> None:
+    """Turn a qz-quantized INPUT back into a float checkpoint: the original tensor names,
+    shapes and dtypes, a drop-in replacement for the original.
+
+    \b
+    Example:
+      qz dequantize model.int8.safetensors -o model.restored.safetensors
+    """
+    with _progress_for(quiet) as progress:
+        report = dequantize_checkpoint(input_path, output, dtype, force=force,
+                                       progress=progress)
+    if not quiet:
+        _stdout_console().print(render.dequantize_summary(report))
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    # Python's default for SIGTERM kills the process without running cleanup; raising
+    # SystemExit instead unwinds the writers, which remove their temporary files.
+    raise SystemExit(EXIT_TERMINATED)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _terminate)
+    qz(prog_name="qz")

@@ -1,0 +1,271 @@
+"""Rendering reports as rich tables and as JSON. The only module besides the CLI that
+imports rich.
+
+Every string that comes from a file (tensor names, metadata) passes through
+:func:`display_text`, which escapes control characters, and is placed in a ``Text`` object,
+so that neither ANSI escapes nor rich markup such as ``[bold]`` in a tensor name is ever
+interpreted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import unicodedata
+from typing import Any
+
+from rich.console import Console, Group
+from rich.filesize import decimal
+from rich.table import Table
+from rich.text import Text
+
+from ..core.scheme import Scheme
+from ..core.stats import ErrorStats
+from ..pipeline import DequantizeReport, InspectReport, QuantizeReport, TensorReport
+from ..qzformat import KEY_TENSORS
+
+JSON_SCHEMA_VERSION = 1
+
+
+def display_text(value: str) -> str:
+    """``value`` with control and format characters shown as escapes.
+
+    >>> display_text("w\\x1b[31m")
+    'w\\\\x1b[31m'
+    """
+    if value.isprintable():
+        return value
+    return "".join(
+        char if char.isprintable() or char == " " else _escape(char) for char in value
+    )
+
+
+def _escape(char: str) -> str:
+    if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return char
+
+
+def _name(value: str) -> Text:
+    return Text(display_text(value))
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "×".join(str(d) for d in shape) if shape else "scalar"
+
+
+def _db(value: float) -> str:
+    return "exact" if math.isinf(value) and value > 0 else f"{value:.2f}"
+
+
+def _json_number(value: float) -> float | None:
+    # JSON has no infinity; an exact round trip has no finite SQNR.
+    return None if math.isinf(value) or math.isnan(value) else value
+
+
+def scheme_json(scheme: Scheme | None) -> dict[str, Any] | None:
+    if scheme is None:
+        return None
+    return {"method": scheme.method, "granularity": scheme.granularity,
+            "block": scheme.block_size}
+
+
+def stats_json(stats: ErrorStats | None) -> dict[str, Any] | None:
+    if stats is None:
+        return None
+    return {
+        "mse": stats.mse,
+        "max_abs_error": stats.max_abs_error,
+        "sqnr_db": _json_number(stats.sqnr_db),
+        "cosine_similarity": stats.cosine_similarity,
+    }
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def quantize_table(report: QuantizeReport) -> Table:
+    """Per-tensor table: scheme (or why copied) and the error statistics."""
+    title = "Plan (dry run)" if report.dry_run else "Quantization error per tensor"
+    table = Table(title=title, title_justify="left", show_lines=False)
+    table.add_column("Tensor", overflow="fold")
+    table.add_column("Shape")
+    table.add_column("Dtype")
+    table.add_column("Scheme" if report.dry_run else "Scheme / reason")
+    if report.dry_run:
+        table.add_column("Reason")
+        table.add_column("Size before", justify="right")
+        table.add_column("Size after", justify="right")
+    else:
+        for heading in ("MSE", "Max abs err", "SQNR dB", "Cosine"):
+            table.add_column(heading, justify="right")
+    for tensor in report.tensors:
+        dtype = f"{tensor.dtype}→I8" if tensor.scheme else tensor.dtype
+        label = tensor.scheme.describe() if tensor.scheme else "copied"
+        if report.dry_run:
+            table.add_row(_name(tensor.name), _shape(tensor.shape), dtype, label,
+                          _name(tensor.reason), decimal(tensor.input_bytes),
+                          decimal(tensor.output_bytes))
+        elif tensor.stats is None:
+            table.add_row(_name(tensor.name), _shape(tensor.shape), dtype,
+                          Text(f"copied: {display_text(tensor.reason)}", style="dim"),
+                          "", "", "", "")
+        else:
+            stats = tensor.stats
+            table.add_row(_name(tensor.name), _shape(tensor.shape), dtype, label,
+                          f"{stats.mse:.3g}", f"{stats.max_abs_error:.3g}",
+                          _db(stats.sqnr_db), f"{stats.cosine_similarity:.6f}")
+    return table
+
+
+def quantize_summary(report: QuantizeReport) -> Group:
+    """Totals: sizes, ratio, pooled statistics, worst tensors, output path."""
+    quantized, total = len(report.quantized), len(report.tensors)
+    lines = [
+        Text(f"Tensors: {quantized} quantized, {total - quantized} copied unchanged"),
+        Text(f"Size: {decimal(report.input_bytes)} → {decimal(report.output_bytes)} "
+             f"({report.compression_ratio:.2f}× smaller)"),
+    ]
+    if not report.dry_run:
+        pooled = report.pooled_stats
+        lines.append(Text(f"Pooled: SQNR {_db(pooled.sqnr_db)} dB, MSE {pooled.mse:.3g}, "
+                          f"max abs error {pooled.max_abs_error:.3g}, "
+                          f"cosine {pooled.cosine_similarity:.6f}"))
+        worst = report.worst()
+        if worst:
+            listed = ", ".join(f"{display_text(t.name)} ({_db(t.stats.sqnr_db)} dB)"  # type: ignore[union-attr]
+                               for t in worst)
+            lines.append(Text(f"Worst: {listed}"))
+        lines.append(Text(f"Wrote {display_text(str(report.output))}"))
+    else:
+        lines.append(Text(f"Would write {display_text(str(report.output))} (nothing written)"))
+    return Group(*lines)
+
+
+def _tensor_json(tensor: TensorReport) -> dict[str, Any]:
+    return {
+        "name": tensor.name,
+        "dtype": tensor.dtype,
+        "shape": list(tensor.shape),
+        "action": "quantize" if tensor.scheme else "copy",
+        "reason": tensor.reason,
+        "scheme": scheme_json(tensor.scheme),
+        "input_bytes": tensor.input_bytes,
+        "output_bytes": tensor.output_bytes,
+        "shard": tensor.shard,
+        "stats": stats_json(tensor.stats),
+    }
+
+
+def quantize_json(report: QuantizeReport) -> dict[str, Any]:
+    pooled = None if report.dry_run else report.pooled_stats
+    return {
+        "schema_version": JSON_SCHEMA_VERSION,
+        "command": "quantize",
+        "dry_run": report.dry_run,
+        "input": str(report.source),
+        "output": str(report.output),
+        "scheme": scheme_json(report.scheme),
+        "tensors": [_tensor_json(tensor) for tensor in report.tensors],
+        "totals": {
+            "quantized_tensors": len(report.quantized),
+            "copied_tensors": len(report.tensors) - len(report.quantized),
+            "input_bytes": report.input_bytes,
+            "output_bytes": report.output_bytes,
+            "compression_ratio": _json_number(report.compression_ratio),
+            "pooled": stats_json(pooled),
+            "worst": [t.name for t in report.worst()] if not report.dry_run else [],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+def inspect_table(report: InspectReport) -> Group:
+    table = Table(title=f"{display_text(str(report.source))}", title_justify="left")
+    table.add_column("Tensor", overflow="fold")
+    if report.sharded:
+        table.add_column("Shard", overflow="fold")
+    table.add_column("Dtype")
+    table.add_column("Shape")
+    table.add_column("Size", justify="right")
+    table.add_column("Stored as")
+    for tensor in report.tensors:
+        if tensor.role == "quantized":
+            assert tensor.scheme is not None
+            role = f"INT8 {tensor.scheme.describe()} (from {tensor.original_dtype})"
+        elif tensor.role in ("scale", "zero_point"):
+            role = f"{tensor.role.replace('_', ' ')} of {display_text(tensor.of or '')}"
+        else:
+            role = ""
+        cells = [_name(tensor.name)]
+        if report.sharded:
+            cells.append(_name(tensor.shard or ""))
+        cells += [tensor.dtype, _shape(tensor.shape), decimal(tensor.nbytes), Text(role)]
+        table.add_row(*cells)
+    quantized = sum(t.role == "quantized" for t in report.tensors)
+    fmt = f"qz format {report.format_version}" if report.format_version else "not quantized by qz"
+    lines: list[Any] = [table, Text(
+        f"{len(report.tensors)} tensors, {report.parameter_count:,} parameters, "
+        f"{decimal(report.total_bytes)} in {len(report.shards)} file(s); {fmt}"
+        + (f", {quantized} quantized tensors" if report.format_version else "")
+    )]
+    shown = {k: v for k, v in report.metadata.items() if k != KEY_TENSORS}
+    if shown:
+        metadata = Table(title="Metadata", title_justify="left", show_header=False)
+        metadata.add_column("Key", overflow="fold")
+        metadata.add_column("Value", overflow="fold")
+        for key, value in sorted(shown.items()):
+            metadata.add_row(_name(key), _name(value))
+        lines.append(metadata)
+    return Group(*lines)
+
+
+def inspect_json(report: InspectReport) -> dict[str, Any]:
+    return {
+        "schema_version": JSON_SCHEMA_VERSION,
+        "command": "inspect",
+        "input": str(report.source),
+        "sharded": report.sharded,
+        "files": [{"name": name, "bytes": size} for name, size in report.shards],
+        "qz_format_version": report.format_version,
+        "metadata": report.metadata,
+        "tensors": [
+            {
+                "name": t.name,
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "bytes": t.nbytes,
+                "role": t.role,
+                "scheme": scheme_json(t.scheme),
+                "original_dtype": t.original_dtype,
+                "of": t.of,
+                "shard": t.shard,
+            }
+            for t in report.tensors
+        ],
+        "totals": {"tensors": len(report.tensors), "parameters": report.parameter_count,
+                   "bytes": report.total_bytes},
+    }
+
+
+def dequantize_summary(report: DequantizeReport) -> Text:
+    restored = sum(t.restored_from is not None for t in report.tensors)
+    return Text(
+        f"Restored {restored} tensors, copied {len(report.tensors) - restored}; "
+        f"wrote {display_text(str(report.output))} ({decimal(report.output_bytes)})"
+    )
+
+
+def dump_json(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def make_console(file: Any, terminal: bool) -> Console:
+    """A console for ``file``; off a terminal it is wide, so that tables stay readable
+    in logs (COLUMNS still wins when set)."""
+    width = None if terminal or "COLUMNS" in os.environ else 160
+    return Console(file=file, width=width, soft_wrap=False, highlight=False)

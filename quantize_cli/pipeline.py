@@ -1,0 +1,600 @@
+"""The jobs: quantize, dequantize and inspect checkpoints, streaming tensor by tensor.
+
+Each job opens and validates the whole checkpoint (every header) first, plans the output
+from the headers alone, checks the output path, and only then reads data. Tensors are read
+in row chunks of at most ``chunk_bytes`` and written as they are produced, so memory is
+bounded by a chunk, never by a tensor or the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+from .core.quantize import as_float32, dequantize_rows, qparams_from_range, quantize_rows, value_range
+from .core.scheme import Scheme
+from .core.stats import ErrorStats
+from .errors import InputError, NonFiniteValuesError, OutputError, QuantizedFormatError, located
+from .plan import TensorPlan, plan_quantization, planned_outputs
+from .qzformat import (
+    KEY_FORMAT_VERSION,
+    QuantizedEntry,
+    is_quantized,
+    plain_metadata,
+    quantized_metadata,
+    read_quantized_entries,
+    scale_name,
+    zero_point_name,
+)
+from .storage.checkpoint import Checkpoint, Shard, open_checkpoint
+from .storage.dtypes import DTYPE_BITS, OUTPUT_DTYPES, numpy_dtype
+from .storage.header import TensorEntry
+from .storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader
+from .storage.writer import PlannedTensor, SafetensorsWriter, StagedFolder, check_output_path
+
+
+class Progress(Protocol):
+    """What the jobs report while they run (the CLI draws a progress bar from it)."""
+
+    def start(self, total_bytes: int) -> None: ...
+
+    def advance(self, nbytes: int, tensor: str) -> None: ...
+
+
+class NoProgress:
+    def start(self, total_bytes: int) -> None:
+        pass
+
+    def advance(self, nbytes: int, tensor: str) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """What happened to one input tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    scheme: Scheme | None  # None: copied unchanged
+    reason: str
+    input_bytes: int
+    output_bytes: int
+    stats: ErrorStats | None = None  # None for copied tensors and in a dry run
+    shard: str | None = None
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    source: Path
+    output: Path
+    scheme: Scheme
+    tensors: list[TensorReport]
+    dry_run: bool = False
+
+    @property
+    def quantized(self) -> list[TensorReport]:
+        return [t for t in self.tensors if t.scheme is not None]
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(t.input_bytes for t in self.tensors)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.output_bytes for t in self.tensors)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.input_bytes / self.output_bytes if self.output_bytes else math.inf
+
+    @property
+    def pooled_stats(self) -> ErrorStats:
+        """Statistics over every quantized value of the checkpoint together."""
+        pooled = ErrorStats()
+        for tensor in self.quantized:
+            if tensor.stats is not None:
+                pooled = pooled.merge(tensor.stats)
+        return pooled
+
+    def worst(self, count: int = 3) -> list[TensorReport]:
+        """The quantized tensors with the lowest SQNR."""
+        measured = [t for t in self.quantized if t.stats is not None]
+        return sorted(measured, key=lambda t: (t.stats.sqnr_db, t.name))[:count]  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class DequantizedTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    restored_from: Scheme | None  # None: copied unchanged
+
+
+@dataclass(frozen=True)
+class DequantizeReport:
+    source: Path
+    output: Path
+    tensors: list[DequantizedTensor]
+    output_bytes: int
+
+
+@dataclass(frozen=True)
+class InspectedTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    role: str  # "quantized", "scale", "zero_point" or "tensor"
+    scheme: Scheme | None = None  # for quantized tensors
+    original_dtype: str | None = None
+    of: str | None = None  # for scales and zero points: the quantized tensor
+    shard: str | None = None
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    source: Path
+    shards: list[tuple[str, int]]  # (file name, size in bytes)
+    metadata: dict[str, str]
+    tensors: list[InspectedTensor]
+    format_version: str | None = None
+    sharded: bool = False
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.shards)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(math.prod(t.shape) for t in self.tensors if t.role in ("quantized", "tensor"))
+
+
+T = TypeVar("T", TensorReport, InspectedTensor)
+
+
+def _by_name(tensors: list[T]) -> list[T]:
+    """Reports list tensors by name, so a tensor's scale sits next to it."""
+    return sorted(tensors, key=lambda tensor: tensor.name)
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def default_output(checkpoint: Checkpoint, suffix: str) -> Path:
+    """``model.safetensors`` → ``model.<suffix>.safetensors``; a sharded folder ``llama``
+    → ``llama.<suffix>`` beside it. A ``.int8`` in the name is replaced, not stacked."""
+    if checkpoint.sharded:
+        folder = checkpoint.folder
+        if folder.name in ("", ".", ".."):
+            folder = folder.resolve()
+        stem = folder.name.removesuffix(".int8")
+        return folder.parent / f"{stem}.{suffix}"
+    path = checkpoint.shards[0].path
+    stem = path.name.removesuffix(".safetensors").removesuffix(".int8")
+    return path.with_name(f"{stem}.{suffix}.safetensors")
+
+
+def _check_folder_output(output: Path, checkpoint: Checkpoint, force: bool) -> None:
+    if output.exists() and output.resolve() == checkpoint.folder.resolve():
+        raise OutputError(located(output, None, "output would overwrite the input folder"),
+                          hint="choose another folder with -o")
+    if not output.parent.is_dir():
+        raise OutputError(located(output, None, f"directory {str(output.parent)!r} does not "
+                                  "exist"))
+    if output.exists():
+        if not output.is_dir():
+            raise OutputError(located(output, None, "exists and is not a folder"))
+        if not force:
+            raise OutputError(located(output, None, "already exists"),
+                              hint="use --force to replace it")
+        if any(output.iterdir()) and not any(output.glob("*.safetensors.index.json")):
+            raise OutputError(located(output, None, "is not a checkpoint folder; refusing to "
+                                      "replace it"), hint="choose another folder with -o")
+
+
+def _write_index(checkpoint: Checkpoint, folder: Path, shard_tensors: dict[str, list[PlannedTensor]]) -> None:
+    assert checkpoint.index is not None and checkpoint.index_path is not None
+    weight_map = {tensor.name: shard for shard, tensors in shard_tensors.items()
+                  for tensor in tensors}
+    total = sum(math.prod(t.shape) * DTYPE_BITS[t.dtype] // 8
+                for tensors in shard_tensors.values() for t in tensors)
+    index = dict(checkpoint.index)
+    metadata = dict(index.get("metadata") or {})
+    metadata["total_size"] = total
+    index["metadata"] = metadata
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    text = json.dumps(index, indent=2, ensure_ascii=False) + "\n"
+    (folder / checkpoint.index_path.name).write_text(text, encoding="utf-8")
+
+
+def _copy_companions(checkpoint: Checkpoint, folder: Path) -> None:
+    for path in checkpoint.companion_files():
+        shutil.copy2(path, folder / path.name)
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def quantize_checkpoint(
+    source: str | Path,
+    output: str | Path | None = None,
+    scheme: Scheme | None = None,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    force: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> QuantizeReport:
+    """Quantize a checkpoint (file, index or folder) and write the INT8 result.
+
+    >>> report = quantize_checkpoint("model.safetensors", scheme=Scheme("affine"))  # doctest: +SKIP
+    >>> report.output, report.pooled_stats.sqnr_db                                 # doctest: +SKIP
+    (PosixPath('model.int8.safetensors'), 40.7)
+
+    Raises:
+        QzError: the input is invalid or already quantized, nothing would be quantized,
+            a tensor holds NaN/inf, or the output cannot be written. Nothing is written
+            then.
+    """
+    scheme = scheme or Scheme()
+    progress = progress or NoProgress()
+    checkpoint = open_checkpoint(source)
+    for shard in checkpoint.shards:
+        if is_quantized(shard.header):
+            raise InputError(
+                located(shard.path, None, "is already quantized by qz (format version "
+                        f"{shard.header.metadata[KEY_FORMAT_VERSION]})"),
+                hint="run qz dequantize first",
+            )
+    plans = {
+        shard.path.name: plan_quantization(shard.header, scheme, shard.path, include, exclude)
+        for shard in checkpoint.shards
+    }
+    all_plans = [plan for shard_plans in plans.values() for plan in shard_plans]
+    if not any(plan.quantized for plan in all_plans):
+        what = "has no tensors" if not all_plans else "has no tensor to quantize"
+        raise InputError(
+            located(checkpoint.source, None, what),
+            hint=None if not all_plans else "qz quantizes float tensors with ≥ 2 dimensions "
+            "and ≥ 1024 elements; --include selects others",
+        )
+    target = Path(output) if output is not None else default_output(checkpoint, "int8")
+
+    def report_for(shard: Shard, stats: dict[str, ErrorStats]) -> list[TensorReport]:
+        return [
+            TensorReport(
+                name=plan.name, dtype=plan.entry.dtype, shape=plan.entry.shape,
+                scheme=plan.scheme, reason=plan.reason, input_bytes=plan.entry.nbytes,
+                output_bytes=plan.output_bytes(), stats=stats.get(plan.name),
+                shard=shard.path.name if checkpoint.sharded else None,
+            )
+            for plan in plans[shard.path.name]
+        ]
+
+    if dry_run:
+        tensors = [t for shard in checkpoint.shards for t in report_for(shard, {})]
+        return QuantizeReport(checkpoint.source, target, scheme, _by_name(tensors), dry_run=True)
+
+    progress.start(checkpoint.total_bytes)
+    tensors = []
+    if not checkpoint.sharded:
+        shard = checkpoint.shards[0]
+        check_output_path(target, [shard.path], force)
+        stats = _quantize_shard(shard, plans[shard.path.name], target, progress, chunk_bytes)
+        tensors = report_for(shard, stats)
+    else:
+        _check_folder_output(target, checkpoint, force)
+        shard_tensors = {}
+        with StagedFolder(target, force) as staging:
+            for shard in checkpoint.shards:
+                shard_plans = plans[shard.path.name]
+                stats = _quantize_shard(shard, shard_plans, staging.path / shard.path.name,
+                                        progress, chunk_bytes)
+                tensors += report_for(shard, stats)
+                shard_tensors[shard.path.name] = planned_outputs(shard_plans)
+            _write_index(checkpoint, staging.path, shard_tensors)
+            _copy_companions(checkpoint, staging.path)
+            staging.publish()
+    return QuantizeReport(checkpoint.source, target, scheme, _by_name(tensors))
+
+
+def _quantize_shard(
+    shard: Shard,
+    plans: list[TensorPlan],
+    target: Path,
+    progress: Progress,
+    chunk_bytes: int,
+) -> dict[str, ErrorStats]:
+    metadata = quantized_metadata(
+        shard.header.metadata, [plan.quantized_entry() for plan in plans if plan.quantized]
+    )
+    stats: dict[str, ErrorStats] = {}
+    with SafetensorsReader(shard.path) as reader, \
+            SafetensorsWriter(target, planned_outputs(plans), metadata) as writer:
+        if reader.header != shard.header:
+            raise InputError(located(shard.path, None, "input changed while reading"))
+        for plan in plans:
+            if plan.scheme is None:
+                for piece in reader.iter_bytes(plan.entry, chunk_bytes):
+                    writer.write(plan.name, piece)
+                    progress.advance(piece.nbytes, plan.name)
+            else:
+                stats[plan.name] = _quantize_tensor(
+                    reader, plan.entry, plan.scheme, writer, progress, chunk_bytes
+                )
+        reader.check_unchanged()
+        writer.publish()
+    return stats
+
+
+def _quantize_tensor(
+    reader: SafetensorsReader,
+    entry: TensorEntry,
+    scheme: Scheme,
+    writer: SafetensorsWriter,
+    progress: Progress,
+    chunk_bytes: int,
+) -> ErrorStats:
+    row_shape = scheme.row_view_shape(entry.shape)
+    chunks = lambda: reader.iter_rows(entry, row_shape, chunk_bytes)  # noqa: E731
+    tensor_range = None
+    try:
+        if scheme.granularity == "tensor":
+            # The scale depends on the whole tensor: one pass for the range, one to quantize.
+            low, high = math.inf, -math.inf
+            for _, chunk in chunks():
+                chunk_low, chunk_high = value_range(as_float32(chunk))
+                low, high = min(low, chunk_low), max(high, chunk_high)
+            tensor_range = (low, high)
+            scale, zero_point = qparams_from_range(low, high, scheme.method)
+            writer.write(scale_name(entry.name), scale.reshape(1))
+            if zero_point is not None:
+                writer.write(zero_point_name(entry.name), zero_point.reshape(1))
+        stats = ErrorStats()
+        for _, chunk in chunks():
+            result = quantize_rows(as_float32(chunk), scheme, tensor_range=tensor_range,
+                                   with_stats=True)
+            writer.write(entry.name, result.codes)
+            if scheme.granularity != "tensor":
+                # Scale rows follow the code rows, so they stream out in step.
+                writer.write(scale_name(entry.name), result.scale)
+                if result.zero_point is not None:
+                    writer.write(zero_point_name(entry.name), result.zero_point)
+            assert result.stats is not None
+            stats = stats.merge(result.stats)
+            progress.advance(chunk.nbytes, entry.name)
+    except NonFiniteValuesError:
+        raise _locate_non_finite(reader, entry, row_shape, chunk_bytes) from None
+    return stats
+
+
+def _locate_non_finite(
+    reader: SafetensorsReader, entry: TensorEntry, row_shape: tuple[int, int], chunk_bytes: int
+) -> NonFiniteValuesError:
+    """Count the non-finite values of the whole tensor and find the first (slow path,
+    taken only on failure)."""
+    count, first = 0, None
+    for start, chunk in reader.iter_rows(entry, row_shape, chunk_bytes):
+        bad = ~np.isfinite(chunk)
+        found = int(np.count_nonzero(bad))
+        if found and first is None:
+            first = start * row_shape[1] + int(np.argmax(bad))
+        count += found
+    index = tuple(int(i) for i in np.unravel_index(first or 0, entry.shape))
+    return NonFiniteValuesError.build(entry.name, count, index, reader.path)
+
+
+# ------------------------------------------------------------------------- dequantize
+
+
+def dequantize_checkpoint(
+    source: str | Path,
+    output: str | Path | None = None,
+    dtype: str = "original",
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> DequantizeReport:
+    """Turn a qz checkpoint back into a float checkpoint with the original tensor names,
+    shapes and dtypes (or ``dtype``: float32, float16 or bfloat16 for every restored
+    tensor).
+
+    >>> dequantize_checkpoint("model.int8.safetensors").output   # doctest: +SKIP
+    PosixPath('model.dequant.safetensors')
+    """
+    if dtype != "original" and dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    progress = progress or NoProgress()
+    checkpoint = open_checkpoint(source)
+    entries = {
+        shard.path.name: read_quantized_entries(shard.header, shard.path)
+        for shard in checkpoint.shards
+    }
+    target = Path(output) if output is not None else default_output(checkpoint, "dequant")
+
+    def shard_outputs(shard: Shard) -> tuple[list[PlannedTensor], dict[str, QuantizedEntry]]:
+        quantized = {entry.name: entry for entry in entries[shard.path.name]}
+        companions = {name for entry in quantized.values() for name in entry.companion_names()}
+        planned = []
+        for tensor in shard.header.tensors:
+            if tensor.name in companions:
+                continue
+            out_dtype = tensor.dtype
+            if tensor.name in quantized:
+                original = quantized[tensor.name].original_dtype
+                out_dtype = original if dtype == "original" else OUTPUT_DTYPES[dtype]
+            planned.append(PlannedTensor(tensor.name, out_dtype, tensor.shape))
+        return planned, quantized
+
+    progress.start(checkpoint.total_bytes)
+    tensors: list[DequantizedTensor] = []
+    output_bytes = 0
+
+    def run(shard: Shard, shard_target: Path) -> list[PlannedTensor]:
+        nonlocal output_bytes
+        planned, quantized = shard_outputs(shard)
+        metadata = plain_metadata(shard.header.metadata)
+        with SafetensorsReader(shard.path) as reader, \
+                SafetensorsWriter(shard_target, planned, metadata) as writer:
+            for tensor in planned:
+                entry = shard.header[tensor.name]
+                if tensor.name in quantized:
+                    _dequantize_tensor(reader, entry, quantized[tensor.name], tensor.dtype,
+                                       writer, progress, chunk_bytes)
+                else:
+                    for piece in reader.iter_bytes(entry, chunk_bytes):
+                        writer.write(tensor.name, piece)
+                        progress.advance(piece.nbytes, tensor.name)
+                restored = quantized.get(tensor.name)
+                tensors.append(DequantizedTensor(
+                    tensor.name, tensor.dtype, tensor.shape,
+                    None if restored is None else restored.scheme))
+            reader.check_unchanged()
+            writer.publish()
+            output_bytes += writer.file_size
+        return planned
+
+    if not checkpoint.sharded:
+        shard = checkpoint.shards[0]
+        check_output_path(target, [shard.path], force)
+        run(shard, target)
+    else:
+        _check_folder_output(target, checkpoint, force)
+        with StagedFolder(target, force) as staging:
+            shard_tensors = {shard.path.name: run(shard, staging.path / shard.path.name)
+                             for shard in checkpoint.shards}
+            _write_index(checkpoint, staging.path, shard_tensors)
+            _copy_companions(checkpoint, staging.path)
+            staging.publish()
+    return DequantizeReport(checkpoint.source, target, tensors, output_bytes)
+
+
+def _scale_rows(
+    reader: SafetensorsReader, entry: TensorEntry, rows: int, groups: int, chunk_rows: int
+) -> Iterator[np.ndarray]:
+    for start in range(0, rows, chunk_rows):
+        stop = min(rows, start + chunk_rows)
+        buffer = np.empty((stop - start, groups), dtype=numpy_dtype(entry.dtype))
+        reader.read_into(entry, start * groups * buffer.itemsize, buffer)
+        yield buffer
+
+
+def _dequantize_tensor(
+    reader: SafetensorsReader,
+    codes_entry: TensorEntry,
+    quantized: QuantizedEntry,
+    out_dtype: str,
+    writer: SafetensorsWriter,
+    progress: Progress,
+    chunk_bytes: int,
+) -> None:
+    scheme = quantized.scheme
+    header = reader.header
+    row_shape = scheme.row_view_shape(codes_entry.shape)
+    rows, columns = row_shape
+    per_tensor = scheme.granularity == "tensor"
+    groups = 1 if per_tensor else scheme.groups_per_row(columns)
+    scale_entry = header[scale_name(quantized.name)]
+    zero_entry = None if scheme.symmetric else header[zero_point_name(quantized.name)]
+    # Chunks are sized by the float32 values they become, the largest buffer here.
+    chunk_rows = max(1, chunk_bytes // max(columns * 4, 1))
+    if per_tensor:
+        whole_scale = reader.read_tensor(scale_entry).reshape(1, 1)
+        whole_zero = None if zero_entry is None else reader.read_tensor(zero_entry).reshape(1, 1)
+    else:
+        scale_chunks = _scale_rows(reader, scale_entry, rows, groups, chunk_rows)
+        zero_chunks = (None if zero_entry is None
+                       else _scale_rows(reader, zero_entry, rows, groups, chunk_rows))
+    target = numpy_dtype(out_dtype)
+    for _, codes in reader.iter_rows(codes_entry, row_shape, chunk_rows * max(columns, 1)):
+        if per_tensor:
+            scale, zero_point = whole_scale, whole_zero
+        else:
+            scale = next(scale_chunks)
+            zero_point = None if zero_chunks is None else next(zero_chunks)
+        _check_stored_values(reader.path, quantized, codes, scale, zero_point)
+        values = dequantize_rows(codes, scale, zero_point, scheme)
+        with np.errstate(over="ignore"):
+            converted = values.astype(target, copy=False)
+        if not np.isfinite(converted).all():
+            raise OutputError(
+                located(reader.path, quantized.name, f"values exceed the range of {out_dtype}"),
+                hint="choose a wider --dtype",
+            )
+        writer.write(codes_entry.name, converted)
+        progress.advance(codes.nbytes, codes_entry.name)
+
+
+def _check_stored_values(
+    path: Path,
+    quantized: QuantizedEntry,
+    codes: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None,
+) -> None:
+    """Refuse stored numbers qz could never have written, rather than return wrong values."""
+    if not (np.isfinite(scale).all() and (scale >= 0).all()):
+        raise QuantizedFormatError(
+            located(path, scale_name(quantized.name), "holds non-finite or negative scales"))
+    if quantized.scheme.symmetric and codes.size and codes.min() < -127:
+        raise QuantizedFormatError(
+            located(path, quantized.name, "holds the code -128, outside absmax's range "
+                    "[-127, 127]"))
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+def inspect_checkpoint(source: str | Path) -> InspectReport:
+    """Describe a checkpoint from its headers alone: tensors, roles, schemes, metadata.
+
+    >>> inspect_checkpoint("model.int8.safetensors").format_version   # doctest: +SKIP
+    '1'
+    """
+    checkpoint = open_checkpoint(source)
+    tensors: list[InspectedTensor] = []
+    format_version = None
+    for shard in checkpoint.shards:
+        header = shard.header
+        shard_name = shard.path.name if checkpoint.sharded else None
+        quantized: dict[str, QuantizedEntry] = {}
+        if is_quantized(header):
+            format_version = header.metadata[KEY_FORMAT_VERSION]
+            quantized = {e.name: e for e in read_quantized_entries(header, shard.path)}
+        owners = {companion: (entry.name, role)
+                  for entry in quantized.values()
+                  for companion, role in zip(entry.companion_names(), ("scale", "zero_point"))}
+        for tensor in header.tensors:
+            common = dict(name=tensor.name, dtype=tensor.dtype, shape=tensor.shape,
+                          nbytes=tensor.nbytes, shard=shard_name)
+            if tensor.name in quantized:
+                entry = quantized[tensor.name]
+                tensors.append(InspectedTensor(**common, role="quantized", scheme=entry.scheme,
+                                               original_dtype=entry.original_dtype))
+            elif tensor.name in owners:
+                owner, role = owners[tensor.name]
+                tensors.append(InspectedTensor(**common, role=role, of=owner))
+            else:
+                tensors.append(InspectedTensor(**common, role="tensor"))
+    return InspectReport(
+        source=checkpoint.source,
+        shards=[(shard.path.name, shard.header.file_size) for shard in checkpoint.shards],
+        metadata=checkpoint.shards[0].header.metadata,
+        tensors=_by_name(tensors),
+        format_version=format_version,
+        sharded=checkpoint.sharded,
+    )

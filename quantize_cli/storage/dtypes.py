@@ -1,0 +1,73 @@
+"""safetensors dtype codes: their sizes, and the numpy dtypes of the ones qz computes on."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+#: Bits per element of every dtype the safetensors format defines (safetensors' ``Dtype``).
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+}
+
+#: The floating dtypes qz quantizes (DESIGN §3), with their little-endian numpy dtypes.
+#: BF16 comes from ml_dtypes because numpy has no bfloat16.
+FLOAT_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+
+#: numpy dtypes of the fixed-width integer and bool dtypes (for showing values).
+INTEGER_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype("u1"),
+    "I8": np.dtype("i1"),
+    "I16": np.dtype("<i2"),
+    "U16": np.dtype("<u2"),
+    "I32": np.dtype("<i4"),
+    "U32": np.dtype("<u4"),
+    "I64": np.dtype("<i8"),
+    "U64": np.dtype("<u8"),
+}
+
+#: Names accepted by ``qz dequantize --dtype`` and the safetensors code each one writes.
+OUTPUT_DTYPES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def numpy_dtype(code: str) -> np.dtype:
+    """numpy dtype for a float or integer safetensors code.
+
+    >>> numpy_dtype("BF16").name
+    'bfloat16'
+    """
+    if code in FLOAT_DTYPES:
+        return FLOAT_DTYPES[code]
+    return INTEGER_DTYPES[code]
+
+
+def alignment(code: str) -> int:
+    """Bytes a tensor of this dtype should be aligned to (its element size, at least 1)."""
+    return max(1, DTYPE_BITS[code] // 8)

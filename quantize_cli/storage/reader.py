@@ -1,0 +1,145 @@
+"""Reading safetensors files: the header, and tensor bytes in bounded pieces.
+
+Reads use ``os.preadv`` into preallocated numpy buffers rather than mmap: a file that is
+truncated while it is mapped kills the process with SIGBUS, whereas a short read is an
+ordinary error here ("input changed while reading").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError, LayoutError, located
+from .dtypes import DTYPE_BITS, FLOAT_DTYPES, numpy_dtype
+from .header import Header, TensorEntry, parse_header, read_header_length
+
+#: Default size of one read when streaming a tensor (bytes of the stored dtype).
+DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+class SafetensorsReader:
+    """An open safetensors file. Use as a context manager.
+
+    >>> with SafetensorsReader("model.safetensors") as reader:    # doctest: +SKIP
+    ...     names = [entry.name for entry in reader.header.tensors]
+    ...     weight = reader.read_tensor(reader.header["w"])
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fd = _open_regular_file(self.path)
+        try:
+            info = os.fstat(self._fd)
+            self._identity = (info.st_size, info.st_mtime_ns)
+            prefix = self._pread(min(info.st_size, 8), 0)
+            length = read_header_length(prefix, info.st_size, self.path)
+            header_bytes = self._pread(length, 8)
+            self.header: Header = parse_header(header_bytes, info.st_size, self.path)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise self._changed_error()
+        return data
+
+    def _changed_error(self) -> LayoutError:
+        return LayoutError(
+            located(self.path, None, "input changed while reading (it is shorter than its "
+                    "header declares)")
+        )
+
+    def read_into(self, entry: TensorEntry, byte_offset: int, buffer: np.ndarray) -> None:
+        """Fill ``buffer`` with ``buffer.nbytes`` bytes of ``entry`` from ``byte_offset``."""
+        # A uint8 view: memoryview cannot export ml_dtypes' bfloat16.
+        view = memoryview(buffer.reshape(-1).view(np.uint8))
+        position = self.header.data_start + entry.begin + byte_offset
+        if byte_offset + len(view) > entry.nbytes:
+            raise ValueError("read past the end of the tensor")
+        done = 0
+        while done < len(view):
+            count = os.preadv(self._fd, [view[done:]], position + done)
+            if count == 0:
+                raise self._changed_error()
+            done += count
+
+    def read_tensor(self, entry: TensorEntry) -> np.ndarray:
+        """The whole tensor as a numpy array of its own dtype (float or integer codes)."""
+        array = np.empty(entry.shape, dtype=numpy_dtype(entry.dtype))
+        self.read_into(entry, 0, array)
+        return array
+
+    def iter_rows(
+        self, entry: TensorEntry, row_shape: tuple[int, int], chunk_bytes: int
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_row, rows)`` of the tensor's 2-D ``row_shape`` view, each chunk
+        at most ``chunk_bytes`` (at least one row), as arrays of the stored dtype."""
+        dtype = numpy_dtype(entry.dtype)
+        rows, columns = row_shape
+        row_bytes = max(columns * dtype.itemsize, 1)
+        step = max(1, chunk_bytes // row_bytes)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            chunk = np.empty((stop - start, columns), dtype=dtype)
+            self.read_into(entry, start * columns * dtype.itemsize, chunk)
+            yield start, chunk
+
+    def iter_bytes(self, entry: TensorEntry, chunk_bytes: int) -> Iterator[np.ndarray]:
+        """Yield the raw bytes of ``entry`` in pieces of at most ``chunk_bytes``."""
+        for start in range(0, entry.nbytes, chunk_bytes):
+            piece = np.empty(min(chunk_bytes, entry.nbytes - start), dtype=np.uint8)
+            self.read_into(entry, start, piece)
+            yield piece
+
+    def check_unchanged(self) -> None:
+        """Fail if the file's size or modification time changed since it was opened."""
+        info = os.stat(self.path)
+        if (info.st_size, info.st_mtime_ns) != self._identity:
+            raise InputError(located(self.path, None, "input changed while reading"))
+
+
+def _open_regular_file(path: Path) -> int:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(located(path, None, "does not exist")) from None
+    except OSError as error:
+        raise InputError(located(path, None, f"cannot be read ({error.strerror})")) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise InputError(
+            located(path, None, "is a directory, not a safetensors file"),
+            hint="pass a folder with model.safetensors.index.json or a .safetensors file",
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(located(path, None, "is not a regular file"))
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except OSError as error:
+        raise InputError(located(path, None, f"cannot be read ({error.strerror})")) from None
+
+
+def is_float(entry: TensorEntry) -> bool:
+    return entry.dtype in FLOAT_DTYPES
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * DTYPE_BITS[dtype] // 8

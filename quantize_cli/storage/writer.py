@@ -1,0 +1,256 @@
+"""Writing safetensors files: streaming, verified, atomic.
+
+The output header is fixed before any data is written (it depends only on names, dtypes
+and shapes), so tensors are written straight to their final offsets as they are produced
+and memory never holds more than the piece being written.
+
+Publishing is all or nothing (DESIGN §6): the bytes go to a hidden temporary file beside
+the target (``.NAME.XXXX.qz-partial``), which is checked, flushed and fsynced, given
+ordinary permission bits and then renamed over the target. Any failure, including Ctrl-C,
+removes the temporary file; only a hard kill can leave one, and its name says what it is.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OutputError, located
+from .dtypes import alignment
+from .header import build_header, parse_header, read_header_length
+
+PARTIAL_SUFFIX = ".qz-partial"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor the writer will hold: name, safetensors dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def data_order(tensors: Iterable[PlannedTensor]) -> list[PlannedTensor]:
+    """The order tensors are laid out in: widest dtype first, then by name.
+
+    With the data section starting on an 8-byte boundary this aligns every tensor to its
+    element size, so readers can view the bytes in place (safetensors' own writer uses the
+    same order).
+    """
+    return sorted(tensors, key=lambda tensor: (-alignment(tensor.dtype), tensor.name))
+
+
+def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None:
+    """Refuse an output that is an input, a directory, in a missing folder, or that
+    exists without ``force`` — before any work is done."""
+    for source in inputs:
+        if output.exists() and os.path.samefile(output, source):
+            raise OutputError(located(output, None, "output would overwrite the input"),
+                              hint="choose another path with -o")
+    if output.is_dir():
+        raise OutputError(located(output, None, "is a directory"),
+                          hint="give a file name with -o")
+    if not output.parent.is_dir():
+        raise OutputError(located(output, None, f"directory {str(output.parent)!r} does "
+                                  "not exist"))
+    if output.exists() and not force:
+        raise OutputError(located(output, None, "already exists"),
+                          hint="use --force to replace it")
+
+
+def _umask() -> int:
+    # The umask can only be read by setting it; this runs once per output, in the main
+    # thread, before any worker thread touches the file system.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class SafetensorsWriter:
+    """Stream tensors into a new safetensors file, then publish it atomically.
+
+    >>> tensors = [PlannedTensor("w", "I8", (2, 2))]
+    >>> with SafetensorsWriter(Path("out.safetensors"), tensors, {}) as writer:  # doctest: +SKIP
+    ...     writer.write("w", np.zeros((2, 2), np.int8))
+    ...     writer.publish()
+
+    Leaving the ``with`` block without :meth:`publish` (an exception, Ctrl-C) removes the
+    temporary file and leaves the target untouched.
+    """
+
+    def __init__(
+        self, target: Path, tensors: Iterable[PlannedTensor], metadata: dict[str, str]
+    ) -> None:
+        self.target = target
+        self.tensors = data_order(tensors)
+        self.header_bytes, offsets = build_header(
+            [(t.name, t.dtype, t.shape) for t in self.tensors], metadata
+        )
+        self._offsets = {t.name: span for t, span in zip(self.tensors, offsets)}
+        self._written = dict.fromkeys(self._offsets, 0)
+        self.file_size = len(self.header_bytes) + (offsets[-1][1] if offsets else 0)
+        self._fd = -1
+        self._temp_path: Path | None = None
+        self._mode = 0o666 & ~_umask()
+
+    def __enter__(self) -> SafetensorsWriter:
+        try:
+            fd, name = tempfile.mkstemp(
+                prefix=f".{self.target.name}.", suffix=PARTIAL_SUFFIX, dir=self.target.parent
+            )
+        except OSError as error:
+            raise OutputError(
+                located(self.target, None, f"cannot write to {str(self.target.parent)!r} "
+                        f"({error.strerror})")
+            ) from None
+        self._fd, self._temp_path = fd, Path(name)
+        self._pwrite(self.header_bytes, 0)
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.discard()
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (no-op after :meth:`publish`)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._temp_path is not None:
+            try:
+                os.unlink(self._temp_path)
+            except FileNotFoundError:
+                pass
+            self._temp_path = None
+
+    def _pwrite(self, data: np.ndarray | bytes, position: int) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(self._fd, view[done:], position + done)
+        except OSError as error:
+            raise self._write_error(error) from None
+
+    def _write_error(self, error: OSError) -> OutputError:
+        if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return OutputError(located(self.target, None, "disk full while writing"),
+                               hint="free some space or write elsewhere with -o")
+        return OutputError(located(self.target, None, f"write failed ({error.strerror})"))
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Append ``array``'s bytes (C order) to tensor ``name``, after what was written."""
+        begin, end = self._offsets[name]
+        contiguous = np.ascontiguousarray(array)
+        position = begin + self._written[name]
+        if position + contiguous.nbytes > end:
+            raise ValueError(f"more bytes than planned for {name!r}")
+        # A uint8 view: memoryview cannot export ml_dtypes' bfloat16.
+        self._pwrite(contiguous.reshape(-1).view(np.uint8), len(self.header_bytes) + position)
+        self._written[name] += contiguous.nbytes
+
+    def publish(self) -> None:
+        """Verify, fsync and rename the file into place."""
+        assert self._temp_path is not None, "publish() outside the with block"
+        for name, (begin, end) in self._offsets.items():
+            if self._written[name] != end - begin:
+                raise OutputError(located(self.target, name, f"only {self._written[name]:,} "
+                                          f"of {end - begin:,} bytes were written"))
+        self._verify_header()
+        try:
+            os.fsync(self._fd)
+            os.fchmod(self._fd, self._mode)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self._temp_path, self.target)
+        except OSError as error:
+            raise OutputError(located(self.target, None, f"could not be published "
+                                      f"({error.strerror})")) from None
+        self._temp_path = None
+        _fsync_directory(self.target.parent)
+
+    def _verify_header(self) -> None:
+        """Re-read the written header and compare it with the plan, without re-reading
+        the data: catches a writer bug or a file system that lost bytes."""
+        assert self._temp_path is not None
+        size = os.fstat(self._fd).st_size
+        prefix = os.pread(self._fd, 8, 0)
+        length = read_header_length(prefix, size, self._temp_path)
+        header = parse_header(os.pread(self._fd, length, 8), size, self._temp_path)
+        planned = [(t.name, t.dtype, t.shape, *self._offsets[t.name]) for t in self.tensors]
+        found = [(e.name, e.dtype, e.shape, e.begin, e.end) for e in header.tensors]
+        if size != self.file_size or found != planned:
+            raise OutputError(located(self.target, None, "written file does not match its "
+                                      "plan; nothing was published"))
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename is only durable once the directory entry is on disk (POSIX only).
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class StagedFolder:
+    """Build an output folder under a temporary name beside ``target``, then rename it
+    into place: a sharded output appears whole or not at all.
+
+    >>> with StagedFolder(Path("out"), force=False) as staging:   # doctest: +SKIP
+    ...     (staging.path / "config.json").write_text("{}")
+    ...     staging.publish()
+    """
+
+    def __init__(self, target: Path, force: bool) -> None:
+        self.target = target
+        self.force = force
+        self.path = target  # replaced by the staging folder on entry
+
+    def __enter__(self) -> StagedFolder:
+        try:
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.",
+                                              suffix=PARTIAL_SUFFIX, dir=self.target.parent))
+        except OSError as error:
+            raise OutputError(
+                located(self.target, None, f"cannot write to {str(self.target.parent)!r} "
+                        f"({error.strerror})")
+            ) from None
+        os.chmod(self.path, 0o777 & ~_umask())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.path != self.target and self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def publish(self) -> None:
+        """Rename the staging folder to the target (replacing it only with ``force``)."""
+        previous: Path | None = None
+        try:
+            if self.target.exists():
+                if not self.force:
+                    raise OutputError(located(self.target, None, "already exists"),
+                                      hint="use --force to replace it")
+                previous = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.",
+                                                 suffix=".qz-old", dir=self.target.parent))
+                os.replace(self.target, previous / self.target.name)
+            os.replace(self.path, self.target)
+        except OSError as error:
+            raise OutputError(located(self.target, None, f"could not be published "
+                                      f"({error.strerror})")) from None
+        self.path = self.target
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+        _fsync_directory(self.target.parent)
