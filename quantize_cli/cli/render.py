@@ -185,7 +185,7 @@ def quantize_json(report: QuantizeReport) -> dict[str, Any]:
 
 
 def inspect_table(report: InspectReport) -> Group:
-    table = Table(title=f"{display_text(str(report.source))}", title_justify="left")
+    table = Table()
     table.add_column("Tensor", overflow="fold")
     if report.sharded:
         table.add_column("Shard", overflow="fold")
@@ -208,7 +208,7 @@ def inspect_table(report: InspectReport) -> Group:
         table.add_row(*cells)
     quantized = sum(t.role == "quantized" for t in report.tensors)
     fmt = f"qz format {report.format_version}" if report.format_version else "not quantized by qz"
-    lines: list[Any] = [table, Text(
+    lines: list[Any] = [Text(display_text(str(report.source)), style="bold"), table, Text(
         f"{len(report.tensors)} tensors, {report.parameter_count:,} parameters, "
         f"{decimal(report.total_bytes)} in {len(report.shards)} file(s); {fmt}"
         + (f", {quantized} quantized tensors" if report.format_version else "")
