@@ -52,6 +52,11 @@ def _name(value: str) -> Text:
     return Text(display_text(value))
 
 
+def _name_width(tensors: Any) -> int:
+    """Keep tensor names on one line where they fit: they matter more than the numbers."""
+    return min(max((len(display_text(t.name)) for t in tensors), default=6), 36)
+
+
 def _shape(shape: tuple[int, ...]) -> str:
     return "×".join(str(d) for d in shape) if shape else "scalar"
 
@@ -90,9 +95,10 @@ def quantize_table(report: QuantizeReport) -> Table:
     """Per-tensor table: scheme (or why copied) and the error statistics."""
     title = "Plan (dry run)" if report.dry_run else "Quantization error per tensor"
     table = Table(title=title, title_justify="left", show_lines=False)
+    # No minimum width: on a narrow terminal names fold rather than numbers being cut.
     table.add_column("Tensor", overflow="fold")
-    table.add_column("Shape")
-    table.add_column("Dtype")
+    table.add_column("Shape", no_wrap=True)
+    table.add_column("Dtype", no_wrap=True)
     table.add_column("Scheme" if report.dry_run else "Scheme / reason")
     if report.dry_run:
         table.add_column("Reason")
@@ -186,7 +192,7 @@ def quantize_json(report: QuantizeReport) -> dict[str, Any]:
 
 def inspect_table(report: InspectReport) -> Group:
     table = Table()
-    table.add_column("Tensor", overflow="fold")
+    table.add_column("Tensor", overflow="fold", min_width=_name_width(report.tensors))
     if report.sharded:
         table.add_column("Shard", overflow="fold")
     table.add_column("Dtype")

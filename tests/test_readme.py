@@ -1,0 +1,53 @@
+"""The README's promises: its first commands, its library example, its worked example."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+
+
+def test_readme_opens_with_install_and_test_commands_that_ci_runs() -> None:
+    first = code_blocks("bash")[0].strip().splitlines()
+    assert first[0].startswith("pip install -e . && qz quantize sample_weights/")
+    assert first[1] == "pip install -e '.[test]' && python -m pytest"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert first[0] in ci and first[1] in ci
+
+
+def test_library_example_runs_and_says_what_it_prints() -> None:
+    (example,) = code_blocks("python")
+    namespace: dict[str, object] = {}
+    exec(example, namespace)  # noqa: S102 - our own README
+    qt = namespace["qt"]
+    assert qt.codes.tolist() == [33, -14, -70, 35, -59, 10, 47, 127]  # type: ignore[attr-defined]
+    from quantize_cli import dequantize, error_stats
+
+    sqnr = error_stats(namespace["x"], dequantize(qt)).sqnr_db  # type: ignore[arg-type]
+    assert f"# {sqnr:.1f}" in example
+
+
+def test_worked_example_in_the_readme_is_right() -> None:
+    from quantize_cli import Scheme, dequantize, quantize
+
+    x = np.array([1.6, -0.7, -3.4, 1.7, -2.9, 0.5, 2.3, 6.2], dtype=np.float32)
+    qt = quantize(x, Scheme("absmax", "tensor"))
+    assert "q = round(x / s) = [33, -14, -70, 35, -59, 10, 47, 127]" in README
+    shown = ", ".join(f"{v:.3f}" for v in dequantize(qt)).replace("6.200", "6.2")
+    assert f"x̂ = q · s = [{shown}]" in README
+    affine = quantize(x, Scheme("affine", "tensor"))
+    assert affine.zero_point is not None
+    assert f"= {int(affine.zero_point[0])}; 0.0".replace("-", "−") in README  # typeset minus
+
+
+def test_every_command_is_documented() -> None:
+    for command in ("qz quantize", "qz inspect", "qz dequantize"):
+        assert f"### `{command}`" in README
