@@ -98,6 +98,10 @@ class SchemeError(QzError):
     """The requested quantization scheme is invalid or cannot apply to a tensor."""
 
 
+class DtypeRangeError(QzError):
+    """Dequantized values do not fit the requested output dtype (e.g. float16)."""
+
+
 class QuantizedFormatError(InputError):
     """A file claiming to be qz-quantized is inconsistent with qz's format."""
 

@@ -18,10 +18,24 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from .core.quantize import as_float32, dequantize_rows, qparams_from_range, quantize_rows, value_range
+from .core.quantize import (
+    as_float32,
+    cast_checked,
+    dequantize_rows,
+    qparams_from_range,
+    quantize_rows,
+    value_range,
+)
 from .core.scheme import Scheme
 from .core.stats import ErrorStats
-from .errors import InputError, NonFiniteValuesError, OutputError, QuantizedFormatError, located
+from .errors import (
+    DtypeRangeError,
+    InputError,
+    NonFiniteValuesError,
+    OutputError,
+    QuantizedFormatError,
+    located,
+)
 from .plan import TensorPlan, plan_quantization, planned_outputs
 from .qzformat import (
     KEY_FORMAT_VERSION,
@@ -528,13 +542,13 @@ def _dequantize_tensor(
             zero_point = None if zero_chunks is None else next(zero_chunks)
         _check_stored_values(reader.path, quantized, codes, scale, zero_point)
         values = dequantize_rows(codes, scale, zero_point, scheme)
-        with np.errstate(over="ignore"):
-            converted = values.astype(target, copy=False)
-        if not np.isfinite(converted).all():
+        try:
+            converted = cast_checked(values, target)
+        except DtypeRangeError:
             raise OutputError(
                 located(reader.path, quantized.name, f"values exceed the range of {out_dtype}"),
                 hint="choose a wider --dtype",
-            )
+            ) from None
         writer.write(codes_entry.name, converted)
         progress.advance(codes.nbytes, codes_entry.name)
 

@@ -9,10 +9,20 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import os
+
 import ml_dtypes
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import settings
+
+# CI runs the same examples every time, so that a red run is reproducible; locally
+# hypothesis explores new examples on every run. QZ_HYPOTHESIS_PROFILE=long explores more.
+settings.register_profile("default", max_examples=200)
+settings.register_profile("ci", max_examples=200, derandomize=True, print_blob=True)
+settings.register_profile("long", max_examples=5000)
+settings.load_profile(os.environ.get("QZ_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
 
 CODES = {
     np.dtype(np.float64): "F64",

@@ -9,6 +9,7 @@ from hypothesis.extra import numpy as hnp
 
 from quantize_cli import QuantizedTensor, Scheme, dequantize, quantize
 from quantize_cli.core import quantize_rows
+from quantize_cli.errors import DtypeRangeError
 
 # Values within half a step of float32's maximum are refused by affine (see
 # test_core.py::test_float32_limit); every other finite value must satisfy the bounds.
@@ -41,7 +42,7 @@ def element_scale(qt: QuantizedTensor) -> np.ndarray:
     return np.broadcast_to(scale, qt.shape)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(arrays, schemes)
 def test_error_is_at_most_half_a_step(x: np.ndarray, scheme: Scheme) -> None:
     qt = quantize(x, scheme)
@@ -52,7 +53,7 @@ def test_error_is_at_most_half_a_step(x: np.ndarray, scheme: Scheme) -> None:
     assert np.all(np.abs(x - restored) <= step / 2 + tolerance)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(arrays, schemes)
 def test_codes_in_range_and_scales_finite(x: np.ndarray, scheme: Scheme) -> None:
     qt = quantize(x, scheme)
@@ -66,7 +67,7 @@ def test_codes_in_range_and_scales_finite(x: np.ndarray, scheme: Scheme) -> None
         assert qt.zero_point.dtype == np.int8 and qt.zero_point.shape == qt.scale.shape
 
 
-@settings(max_examples=100, deadline=None)
+@settings(deadline=None)
 @given(arrays, schemes)
 def test_deterministic(x: np.ndarray, scheme: Scheme) -> None:
     first, second = quantize(x, scheme), quantize(x.copy(), scheme)
@@ -74,24 +75,33 @@ def test_deterministic(x: np.ndarray, scheme: Scheme) -> None:
     assert first.scale.tobytes() == second.scale.tobytes()
 
 
-@settings(max_examples=100, deadline=None)
+@settings(deadline=None)
 @given(arrays, schemes, st.sampled_from([np.float32, np.float16, np.float64]))
 def test_round_trip_preserves_shape_and_dtype(x: np.ndarray, scheme: Scheme,
                                                dtype: type) -> None:
-    restored = dequantize(quantize(x, scheme), dtype=dtype)
+    quantized = quantize(x, scheme)
+    try:
+        restored = dequantize(quantized, dtype=dtype)
+    except DtypeRangeError:  # float16 cannot hold these values: refused, never inf
+        assert np.abs(dequantize(quantized)).max() > np.finfo(np.float16).max
+        return
     assert restored.shape == x.shape and restored.dtype == np.dtype(dtype)
 
 
-@settings(max_examples=200, deadline=None)
-@given(arrays, schemes)
+@settings(deadline=None)
+@given(arrays, schemes.filter(lambda s: s.method == "absmax"))
 def test_requantizing_dequantized_values_changes_nothing(x: np.ndarray,
                                                          scheme: Scheme) -> None:
-    # Idempotence on values (codes may differ where a group collapses to zero).
+    # absmax is idempotent on values, up to the last bit of a rounded scale (codes may
+    # differ where a group of subnormals collapses to zero). affine is not: its rounded
+    # zero point shifts the dequantized range by up to s/2, so a second pass picks a
+    # slightly different grid (e.g. [-1.5, 1.5] → z = rint(-0.5) = 0 → [-128s, 127s]).
     restored = dequantize(quantize(x, scheme))
-    assert np.array_equal(dequantize(quantize(restored, scheme)), restored)
+    np.testing.assert_allclose(dequantize(quantize(restored, scheme)), restored,
+                               rtol=2.0**-22, atol=0)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(deadline=None)
 @given(
     hnp.arrays(np.float32, st.tuples(st.integers(1, 30), st.integers(1, 300)),
                elements=st.floats(-10, 10, width=32)),
@@ -107,7 +117,7 @@ def test_row_chunks_give_the_bytes_of_the_whole(x: np.ndarray, scheme: Scheme,
     assert np.concatenate([p.scale for p in parts]).tobytes() == whole.scale.tobytes()
 
 
-@settings(max_examples=100, deadline=None)
+@settings(deadline=None)
 @given(arrays, st.sampled_from(["absmax", "affine"]))
 def test_negating_input_negates_absmax_codes(x: np.ndarray, method: str) -> None:
     if method == "absmax":

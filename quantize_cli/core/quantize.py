@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import NonFiniteValuesError, SchemeError
+from ..errors import DtypeRangeError, NonFiniteValuesError, SchemeError
 from .scheme import Scheme
 from .stats import ErrorStats, _stats_of
 
@@ -509,4 +509,17 @@ def dequantize(
         None if zero_point is None else zero_point.reshape(scale_rows),
         scheme,
     )
-    return values.reshape(shape).astype(dtype, copy=False)
+    return cast_checked(values.reshape(shape), dtype)
+
+
+def cast_checked(values: npt.NDArray[np.float32], dtype: npt.DTypeLike) -> np.ndarray:
+    """``values`` as ``dtype``, refusing values that overflow it (float16 above 65504).
+
+    Raises:
+        DtypeRangeError: a finite value would become infinite.
+    """
+    with np.errstate(over="ignore"):
+        converted = values.astype(dtype, copy=False)
+    if not np.isfinite(converted).all():
+        raise DtypeRangeError(f"values exceed the range of {np.dtype(dtype).name}")
+    return converted
