@@ -18,14 +18,8 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from .core.quantize import (
-    as_float32,
-    cast_checked,
-    dequantize_rows,
-    qparams_from_range,
-    quantize_rows,
-    value_range,
-)
+from .core.params import qparams_from_range
+from .core.quantize import as_float32, dequantize_rows, quantize_rows, value_range
 from .core.scheme import Scheme
 from .core.stats import ErrorStats
 from .errors import (
@@ -370,7 +364,7 @@ def _quantize_tensor(
             # The scale depends on the whole tensor: one pass for the range, one to quantize.
             low, high = math.inf, -math.inf
             for _, chunk in chunks():
-                chunk_low, chunk_high = value_range(as_float32(chunk))
+                chunk_low, chunk_high = value_range(chunk)
                 low, high = min(low, chunk_low), max(high, chunk_high)
             tensor_range = (low, high)
             scale, zero_point = qparams_from_range(low, high, scheme.method)
@@ -379,7 +373,7 @@ def _quantize_tensor(
                 writer.write(zero_point_name(entry.name), zero_point.reshape(1))
         stats = ErrorStats()
         for _, chunk in chunks():
-            result = quantize_rows(as_float32(chunk), scheme, tensor_range=tensor_range,
+            result = quantize_rows(chunk, scheme, tensor_range=tensor_range,
                                    with_stats=True)
             writer.write(entry.name, result.codes)
             if scheme.granularity != "tensor":
@@ -402,7 +396,7 @@ def _locate_non_finite(
     taken only on failure)."""
     count, first = 0, None
     for start, chunk in reader.iter_rows(entry, row_shape, chunk_bytes):
-        bad = ~np.isfinite(chunk)
+        bad = ~np.isfinite(as_float32(chunk))  # F64 beyond float32's range counts too
         found = int(np.count_nonzero(bad))
         if found and first is None:
             first = start * row_shape[1] + int(np.argmax(bad))
@@ -541,15 +535,14 @@ def _dequantize_tensor(
             scale = next(scale_chunks)
             zero_point = None if zero_chunks is None else next(zero_chunks)
         _check_stored_values(reader.path, quantized, codes, scale, zero_point)
-        values = dequantize_rows(codes, scale, zero_point, scheme)
         try:
-            converted = cast_checked(values, target)
+            values = dequantize_rows(codes, scale, zero_point, scheme, target)
         except DtypeRangeError:
             raise OutputError(
                 located(reader.path, quantized.name, f"values exceed the range of {out_dtype}"),
                 hint="choose a wider --dtype",
             ) from None
-        writer.write(codes_entry.name, converted)
+        writer.write(codes_entry.name, values)
         progress.advance(codes.nbytes, codes_entry.name)
 
 

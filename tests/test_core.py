@@ -228,7 +228,9 @@ def test_quantize_rows_statistics_match_error_stats() -> None:
     expected = error_stats(x, dequantize(qt))
     assert result.stats is not None
     assert result.stats.count == expected.count
-    assert result.stats.max_abs_error == pytest.approx(expected.max_abs_error, rel=1e-6)
+    # The kernel measures the error as (x/s + z - q)·s in float32, where x/s carries a
+    # rounding of up to 2^-24·128 steps: about 1e-5 of a step, not of the value.
+    assert result.stats.max_abs_error == pytest.approx(expected.max_abs_error, rel=1e-4)
     assert result.stats.sqnr_db == pytest.approx(expected.sqnr_db, rel=1e-5)
     assert result.stats.cosine_similarity == pytest.approx(expected.cosine_similarity, rel=1e-7)
 

@@ -1,19 +1,18 @@
 """The pure-numpy core: schemes, quantize/dequantize and error statistics. No I/O."""
 
+from .params import qparams_from_range
 from .quantize import (
     QuantizedTensor,
     RowResult,
     dequantize,
     dequantize_rows,
-    get_num_threads,
-    qparams_from_range,
     quantize,
     quantize_rows,
-    set_num_threads,
     value_range,
 )
 from .scheme import Scheme
 from .stats import ErrorStats, error_stats
+from .threads import get_num_threads, set_num_threads
 
 __all__ = [
     "ErrorStats",

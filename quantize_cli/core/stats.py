@@ -71,12 +71,6 @@ def error_stats(original: npt.ArrayLike, dequantized: npt.ArrayLike) -> ErrorSta
     x_hat = np.asarray(dequantized, dtype=np.float64).ravel()
     if x.shape != x_hat.shape:
         raise ValueError(f"shapes differ: {x.shape} and {x_hat.shape}")
-    return _stats_of(x, x_hat)
-
-
-def _stats_of(x: np.ndarray, x_hat: np.ndarray) -> ErrorStats:
-    """Statistics of two flat arrays of the same float dtype; float32 dots are taken per
-    tile by the caller, so their rounding stays local and the sums are float64."""
     if x.size == 0:
         return ErrorStats()
     dequantized_energy = float(np.dot(x_hat, x_hat))

@@ -1,0 +1,162 @@
+"""Tile kernels: the per-element work of quantizing and dequantizing, on 3-D group views
+(rows, groups, group length) of one tile, with reused scratch buffers.
+
+Two tricks keep this fast in plain numpy, both exact:
+
+* group ranges come from integer reductions over the float32 bit patterns. For finite
+  floats, the int32 order of the bits of non-negative values is their float order, so
+  ``max`` over the raw bits as int32 finds the largest positive value, ``max`` over them as
+  uint32 finds the most negative one, and ``max`` over the bits with the sign cleared
+  finds max|x|. numpy's int32 reductions along a short last axis are about three times
+  faster than its float32 ones (which must propagate NaN). Any exponent of all ones (NaN or
+  ±inf) shows up as bits ≥ 0x7f800000, so non-finite values are caught in the same pass.
+* error statistics are computed from the scaled values before rounding: the error of each
+  element is ``(y - q) · s`` with ``y = x / s + z``, so no separate dequantization pass is
+  needed while the tile is in cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from .params import absmax_scale, affine_qparams
+from .scheme import Scheme
+from .stats import ErrorStats
+from .threads import scratch
+
+_MAGNITUDE_BITS = np.int32(0x7FFFFFFF)
+_NON_FINITE_BITS = 0x7F800000
+
+
+class NonFiniteInTile(Exception):
+    """A tile holds NaN or ±inf; the caller reports count and position for the whole array."""
+
+
+def group_views(rows: np.ndarray, scheme: Scheme) -> Iterator[tuple[np.ndarray, slice]]:
+    """Split a (r, columns) tile into 3-D (r, groups, group length) views, each with the
+    slice of the tile's scale columns it owns. A short tail block gets its own view."""
+    columns = rows.shape[1]
+    if scheme.granularity != "block":
+        yield rows[:, None, :], slice(0, 1)
+        return
+    size = scheme.block_size
+    assert size is not None
+    full = columns // size
+    if full:
+        yield rows[:, : full * size].reshape(rows.shape[0], full, size), slice(0, full)
+    if columns % size:
+        yield rows[:, full * size :][:, None, :], slice(full, full + 1)
+
+
+def group_magnitude(groups: np.ndarray) -> np.ndarray:
+    """max|x| per group, as float32 of shape ``groups.shape[:-1]``.
+
+    Raises:
+        NonFiniteInTile: a group holds NaN or ±inf.
+    """
+    bits = scratch(0, groups.shape, np.int32)  # the slot quantize_view fills next
+    np.bitwise_and(groups.view(np.int32), _MAGNITUDE_BITS, out=bits)
+    top = bits.max(axis=-1)
+    if top.size and top.max() >= _NON_FINITE_BITS:
+        raise NonFiniteInTile
+    return top.view(np.float32)
+
+
+def group_range(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(min(min x, 0), max(max x, 0)) per group, as float32 of shape ``groups.shape[:-1]``.
+
+    Both come from reductions over the raw bits, with no pass that writes: as int32 the
+    largest pattern is the largest positive value; as uint32 it is the most negative
+    value (sign bit set, largest magnitude) whenever the group has one.
+
+    Raises:
+        NonFiniteInTile: a group holds NaN or ±inf.
+    """
+    highest = groups.view(np.int32).max(axis=-1)
+    lowest = groups.view(np.uint32).max(axis=-1)
+    magnitude_of_lowest = lowest & np.uint32(0x7FFFFFFF)
+    has_negative = lowest > np.uint32(0x7FFFFFFF)
+    if highest.size and (highest.max() >= _NON_FINITE_BITS
+                         or (magnitude_of_lowest * has_negative).max() >= _NON_FINITE_BITS):
+        raise NonFiniteInTile
+    # Patterns on the wrong side of zero mean "no value there": the range includes 0.
+    high = np.maximum(highest, 0).view(np.float32)
+    low = -np.where(has_negative, magnitude_of_lowest, np.uint32(0)).view(np.float32)
+    return low, high
+
+
+def float_range(values: np.ndarray) -> tuple[float, float]:
+    """(min, max) of a whole tile, refusing non-finite values (for per-tensor scales)."""
+    low = float(values.min())
+    high = float(values.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise NonFiniteInTile
+    return low, high
+
+
+def quantize_view(
+    groups: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None,
+    codes: np.ndarray,
+    scheme: Scheme,
+    with_stats: bool,
+) -> ErrorStats | None:
+    """Write the codes of ``groups`` (scale/zero point per group, broadcastable) into
+    ``codes``; return the error statistics of the view when asked."""
+    scaled = scratch(0, groups.shape)
+    divisor = np.where(scale == 0, np.float32(1), scale)[..., None]
+    np.divide(groups, divisor, out=scaled)
+    if zero_point is not None:
+        np.add(scaled, zero_point[..., None].astype(np.float32), out=scaled)
+    rounded = scratch(2, groups.shape) if with_stats else scaled
+    np.rint(scaled, out=rounded)
+    if not scheme.symmetric:
+        # absmax needs no clip: |x| ≤ max|x| and s ≥ max|x|/127 keep |x / s| ≤ 127.0000x,
+        # which rounds into [-127, 127]; affine can reach 127.5 (rounds to 128).
+        np.clip(rounded, -128, 127, out=rounded)
+    np.copyto(codes, rounded, casting="unsafe")
+    if not with_stats:
+        return None
+    error = scaled  # x - x̂ = s · (x / s + z - q)
+    np.subtract(scaled, rounded, out=error)
+    np.multiply(error, divisor, out=error)
+    return _view_stats(groups, error)
+
+
+def _view_stats(groups: np.ndarray, error: np.ndarray) -> ErrorStats:
+    values = groups.reshape(-1)  # a copy only for the view of a short tail block
+    flat_error = error.reshape(-1)
+    signal = float(np.dot(values, values))
+    error_energy = float(np.dot(flat_error, flat_error))
+    cross_error = float(np.dot(values, flat_error))
+    # x̂ = x - e: Σx·x̂ = Σx² - Σx·e and Σx̂² = Σx² - 2Σx·e + Σe², without forming x̂.
+    return ErrorStats(
+        count=int(values.size),
+        signal_energy=signal,
+        error_energy=error_energy,
+        dequantized_energy=max(signal - 2.0 * cross_error + error_energy, 0.0),
+        cross_energy=signal - cross_error,
+        max_abs_error=float(max(flat_error.max(), -flat_error.min())) if values.size else 0.0,
+    )
+
+
+def dequantize_view(
+    codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, out: np.ndarray
+) -> None:
+    """``out = q · s`` or ``(q - z) · s`` for one group view."""
+    np.copyto(out, codes, casting="unsafe")
+    if zero_point is not None:
+        np.subtract(out, zero_point[..., None].astype(np.float32), out=out)
+    np.multiply(out, scale[..., None], out=out)
+
+
+def tile_qparams(
+    groups: np.ndarray, scheme: Scheme
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scale and zero point of every group of a view (shape ``groups.shape[:-1]``)."""
+    if scheme.symmetric:
+        return absmax_scale(group_magnitude(groups)), None
+    return affine_qparams(*group_range(groups))

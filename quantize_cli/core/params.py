@@ -1,0 +1,127 @@
+"""Scale and zero point of a group from its range (DESIGN.md §1), in float64.
+
+These run on one value per group (a few hundred per tile), so their cost is per group,
+not per element.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import SchemeError
+
+_FLOAT32_TINY = np.float32(np.finfo(np.float32).tiny)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def qparams_from_range(
+    low: npt.ArrayLike, high: npt.ArrayLike, method: str
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int8] | None]:
+    """Scale (and zero point) of groups whose values span [low, high] (DESIGN §1).
+
+    >>> scale, zero_point = qparams_from_range(-0.5, 2.0, "affine")
+    >>> float(scale), int(zero_point)
+    (0.009803921915590763, -77)
+    >>> float(qparams_from_range(-3.4, 6.2, "absmax")[0]) == 6.2 / 127
+    False
+    >>> qparams_from_range(0.0, 0.0, "affine")
+    (array(0., dtype=float32), array(0, dtype=int8))
+    """
+    low32 = np.minimum(np.asarray(low, dtype=np.float32), np.float32(0))
+    high32 = np.maximum(np.asarray(high, dtype=np.float32), np.float32(0))
+    if method == "absmax":
+        return absmax_scale(np.maximum(-low32, high32)), None
+    return affine_qparams(low32, high32)
+
+
+def absmax_scale(magnitude: np.ndarray) -> npt.NDArray[np.float32]:
+    """s = max|x| / 127 for float32 ``magnitude`` = max|x| of each group.
+
+    One float32 division gives the correctly rounded quotient, the same value as dividing
+    in float64 and rounding once (double rounding is innocuous for a single division).
+    """
+    scale = np.asarray(magnitude / np.float32(127), dtype=np.float32)
+    if scale.size and scale.min() < _FLOAT32_TINY:
+        scale = _floor_tiny(magnitude.astype(np.float64) / 127.0, scale)
+    if scale.size and magnitude.max() > _LARGE:
+        zero = np.zeros(scale.shape)
+        scale = _avoid_overflow(-magnitude.astype(np.float64), magnitude.astype(np.float64),
+                                scale, zero, "absmax")[0]
+    return scale
+
+
+def affine_qparams(
+    low: np.ndarray, high: np.ndarray
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int8]]:
+    """s = (hi - lo) / 255 and z = clip(rint(-128 - lo / s), -128, 127) for float32
+    ``low`` ≤ 0 ≤ ``high``; the difference is taken in float64, where it is exact."""
+    low64 = low.astype(np.float64)
+    high64 = high.astype(np.float64)
+    exact = (high64 - low64) / 255.0
+    scale = np.asarray(exact.astype(np.float32))
+    if scale.size and scale.min() < _FLOAT32_TINY:
+        scale = _floor_tiny(exact, scale)
+    zero_point = _zero_point(low64, scale)
+    if scale.size and max(-low.min(), high.max()) > _LARGE:
+        scale, zero_point = _avoid_overflow(low64, high64, scale, zero_point, "affine")
+    return scale, zero_point.astype(np.int8)
+
+
+# Below this magnitude no scale can overflow the grid (255 · s ≤ 2 · 1e38 < 3.4e38).
+_LARGE = 1e38
+
+
+def _floor_tiny(exact: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """A non-zero range whose scale underflows float32's normal range gets the smallest
+    normal float32, so the bound |x - x̂| ≤ s/2 keeps holding for tiny values."""
+    return np.where((exact > 0) & (scale < _FLOAT32_TINY), _FLOAT32_TINY, scale)
+
+
+def _avoid_overflow(
+    low64: np.ndarray, high64: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+    method: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """At the very top of float32's range, a scale rounded up would make the extreme code
+    dequantize to infinity (127 · fl(3.4028235e38 / 127) overflows): round it down."""
+    reach = np.maximum(127 - zero_point, zero_point + (127 if method == "absmax" else 128))
+    overflow = reach * scale.astype(np.float64) > _FLOAT32_MAX
+    if np.any(overflow):
+        scale = np.where(overflow, np.nextafter(scale, np.float32(0)), scale)
+        if method == "affine":
+            zero_point = _zero_point(low64, scale)
+        _check_finite_grid(low64, high64, scale, zero_point, method)
+    return scale, zero_point
+
+
+def _check_finite_grid(
+    low64: np.ndarray, high64: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+    method: str,
+) -> None:
+    """Refuse groups whose extreme values would dequantize to infinity.
+
+    This happens only for values within half a step of float32's largest value
+    (±3.4e38), where the rounded zero point pushes the grid past the float32 range; no
+    finite grid of that step can honour the s/2 bound there. The check mirrors the
+    kernel's float32 arithmetic on the group's extremes, which bound every other value.
+    """
+    lowest, highest = (-127, 127) if method == "absmax" else (-128, 127)
+    safe = np.where(scale == 0, np.float32(1), scale)
+    zero32 = zero_point.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for extreme in (low64.astype(np.float32), high64.astype(np.float32)):
+            codes = np.clip(np.rint(extreme / safe + zero32), lowest, highest)
+            if not np.isfinite((codes - zero32) * scale).all():
+                raise SchemeError(
+                    f"{method} cannot quantize values this close to the float32 limit "
+                    "(±3.4e38): the grid would overflow",
+                    hint="use absmax, which represents the extreme values exactly",
+                )
+
+
+def _zero_point(low64: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """z = clip(rint(-128 - lo / s), -128, 127) in float64; 0 where s = 0."""
+    ratio = np.zeros(scale.shape)
+    np.divide(low64, scale, out=ratio, where=scale > 0)
+    zero_point = np.clip(np.rint(-128.0 - ratio), -128, 127)
+    return np.where(scale > 0, zero_point, 0.0)
