@@ -44,7 +44,7 @@ from .qzformat import (
 from .storage.checkpoint import Checkpoint, Shard, open_checkpoint
 from .storage.dtypes import DTYPE_BITS, OUTPUT_DTYPES, numpy_dtype
 from .storage.header import TensorEntry
-from .storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader
+from .storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader, prefetched
 from .storage.writer import PlannedTensor, SafetensorsWriter, StagedFolder, check_output_path
 
 
@@ -243,10 +243,14 @@ def quantize_checkpoint(
     exclude: Sequence[str] = (),
     force: bool = False,
     dry_run: bool = False,
+    error_stats: bool = True,
     progress: Progress | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> QuantizeReport:
     """Quantize a checkpoint (file, index or folder) and write the INT8 result.
+
+    ``error_stats=False`` skips measuring the error (the report then has no statistics);
+    the written bytes are the same.
 
     >>> report = quantize_checkpoint("model.safetensors", scheme=Scheme("affine"))  # doctest: +SKIP
     >>> report.output, report.pooled_stats.sqnr_db                                 # doctest: +SKIP
@@ -301,7 +305,8 @@ def quantize_checkpoint(
     if not checkpoint.sharded:
         shard = checkpoint.shards[0]
         check_output_path(target, [shard.path], force)
-        stats = _quantize_shard(shard, plans[shard.path.name], target, progress, chunk_bytes)
+        stats = _quantize_shard(shard, plans[shard.path.name], target, progress, chunk_bytes,
+                                error_stats)
         tensors = report_for(shard, stats)
     else:
         _check_folder_output(target, checkpoint, force)
@@ -310,7 +315,7 @@ def quantize_checkpoint(
             for shard in checkpoint.shards:
                 shard_plans = plans[shard.path.name]
                 stats = _quantize_shard(shard, shard_plans, staging.path / shard.path.name,
-                                        progress, chunk_bytes)
+                                        progress, chunk_bytes, error_stats)
                 tensors += report_for(shard, stats)
                 shard_tensors[shard.path.name] = planned_outputs(shard_plans)
             _write_index(checkpoint, staging.path, shard_tensors)
@@ -325,6 +330,7 @@ def _quantize_shard(
     target: Path,
     progress: Progress,
     chunk_bytes: int,
+    error_stats: bool,
 ) -> dict[str, ErrorStats]:
     metadata = quantized_metadata(
         shard.header.metadata, [plan.quantized_entry() for plan in plans if plan.quantized]
@@ -336,13 +342,14 @@ def _quantize_shard(
             raise InputError(located(shard.path, None, "input changed while reading"))
         for plan in plans:
             if plan.scheme is None:
-                for piece in reader.iter_bytes(plan.entry, chunk_bytes):
+                for piece in prefetched(reader.iter_bytes(plan.entry, chunk_bytes)):
                     writer.write(plan.name, piece)
                     progress.advance(piece.nbytes, plan.name)
             else:
-                stats[plan.name] = _quantize_tensor(
-                    reader, plan.entry, plan.scheme, writer, progress, chunk_bytes
-                )
+                tensor_stats = _quantize_tensor(reader, plan.entry, plan.scheme, writer,
+                                                progress, chunk_bytes, error_stats)
+                if tensor_stats is not None:
+                    stats[plan.name] = tensor_stats
         reader.check_unchanged()
         writer.publish()
     return stats
@@ -355,9 +362,10 @@ def _quantize_tensor(
     writer: SafetensorsWriter,
     progress: Progress,
     chunk_bytes: int,
-) -> ErrorStats:
+    error_stats: bool,
+) -> ErrorStats | None:
     row_shape = scheme.row_view_shape(entry.shape)
-    chunks = lambda: reader.iter_rows(entry, row_shape, chunk_bytes)  # noqa: E731
+    chunks = lambda: prefetched(reader.iter_rows(entry, row_shape, chunk_bytes))  # noqa: E731
     tensor_range = None
     try:
         if scheme.granularity == "tensor":
@@ -374,19 +382,19 @@ def _quantize_tensor(
         stats = ErrorStats()
         for _, chunk in chunks():
             result = quantize_rows(chunk, scheme, tensor_range=tensor_range,
-                                   with_stats=True)
+                                   with_stats=error_stats)
             writer.write(entry.name, result.codes)
             if scheme.granularity != "tensor":
                 # Scale rows follow the code rows, so they stream out in step.
                 writer.write(scale_name(entry.name), result.scale)
                 if result.zero_point is not None:
                     writer.write(zero_point_name(entry.name), result.zero_point)
-            assert result.stats is not None
-            stats = stats.merge(result.stats)
+            if result.stats is not None:
+                stats = stats.merge(result.stats)
             progress.advance(chunk.nbytes, entry.name)
     except NonFiniteValuesError:
         raise _locate_non_finite(reader, entry, row_shape, chunk_bytes) from None
-    return stats
+    return stats if error_stats else None
 
 
 def _locate_non_finite(
@@ -464,7 +472,7 @@ def dequantize_checkpoint(
                     _dequantize_tensor(reader, entry, quantized[tensor.name], tensor.dtype,
                                        writer, progress, chunk_bytes)
                 else:
-                    for piece in reader.iter_bytes(entry, chunk_bytes):
+                    for piece in prefetched(reader.iter_bytes(entry, chunk_bytes)):
                         writer.write(tensor.name, piece)
                         progress.advance(piece.nbytes, tensor.name)
                 restored = quantized.get(tensor.name)
@@ -528,7 +536,8 @@ def _dequantize_tensor(
         zero_chunks = (None if zero_entry is None
                        else _scale_rows(reader, zero_entry, rows, groups, chunk_rows))
     target = numpy_dtype(out_dtype)
-    for _, codes in reader.iter_rows(codes_entry, row_shape, chunk_rows * max(columns, 1)):
+    codes_chunks = reader.iter_rows(codes_entry, row_shape, chunk_rows * max(columns, 1))
+    for _, codes in prefetched(codes_chunks):
         if per_tensor:
             scale, zero_point = whole_scale, whole_zero
         else:

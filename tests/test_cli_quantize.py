@@ -263,3 +263,17 @@ def test_small_chunks_give_the_same_bytes(tmp_path: Path, small_model: Path) -> 
                 assert other.stats is not None
                 assert one.stats.max_abs_error == other.stats.max_abs_error
                 assert one.stats.sqnr_db == pytest.approx(other.stats.sqnr_db, rel=1e-6)
+
+
+def test_no_stats_writes_the_same_bytes(runner: CliRunner, small_model: Path) -> None:
+    with_stats, without = (small_model.with_name(f"{n}.safetensors") for n in ("a", "b"))
+    run_ok(runner, "quantize", str(small_model), "-o", str(with_stats), "-q")
+    report = json.loads(run_ok(runner, "quantize", str(small_model), "-o", str(without),
+                               "--no-stats", "--json", "-"))
+    assert with_stats.read_bytes() == without.read_bytes()
+    assert all(t["stats"] is None for t in report["tensors"])
+    assert report["totals"]["pooled"] is None
+    table = run_ok(runner, "quantize", str(small_model), "-o", str(without), "--no-stats",
+                   "--force")
+    assert "absmax block 128" in table and "copied: 1-D tensor" in table
+    assert "Pooled" not in table and f"Wrote {without}" in table

@@ -141,6 +141,8 @@ def qz() -> None:
               help="Show what would be done and the output size; read headers only.")
 @click.option("--json", "json_target", metavar="FILE|-",
               help="Write the report as JSON to FILE, or to stdout with '-'.")
+@click.option("--no-stats", is_flag=True,
+              help="Do not measure the error (faster; the same file is written).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
 @reports_errors
@@ -155,6 +157,7 @@ def quantize(
     exclude: tuple[str, ...],
     dry_run: bool,
     json_target: str | None,
+    no_stats: bool,
     force: bool,
     quiet: bool,
 ) -> None:
@@ -183,7 +186,7 @@ def quantize(
     with _progress_for(quiet or dry_run) as progress:
         report = quantize_checkpoint(
             input_path, output, scheme, include=include, exclude=exclude, force=force,
-            dry_run=dry_run, progress=progress,
+            dry_run=dry_run, error_stats=not no_stats, progress=progress,
         )
     document = render.quantize_json(report)
     if json_target == "-":

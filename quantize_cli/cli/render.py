@@ -114,9 +114,12 @@ def quantize_table(report: QuantizeReport) -> Table:
             table.add_row(_name(tensor.name), _shape(tensor.shape), dtype, label,
                           _name(tensor.reason), decimal(tensor.input_bytes),
                           decimal(tensor.output_bytes))
-        elif tensor.stats is None:
+        elif tensor.scheme is None:
             table.add_row(_name(tensor.name), _shape(tensor.shape), dtype,
                           Text(f"copied: {display_text(tensor.reason)}", style="dim"),
+                          "", "", "", "")
+        elif tensor.stats is None:
+            table.add_row(_name(tensor.name), _shape(tensor.shape), dtype, label,
                           "", "", "", "")
         else:
             stats = tensor.stats
@@ -134,7 +137,8 @@ def quantize_summary(report: QuantizeReport) -> Group:
         Text(f"Size: {decimal(report.input_bytes)} → {decimal(report.output_bytes)} "
              f"({report.compression_ratio:.2f}× smaller)"),
     ]
-    if not report.dry_run:
+    measured = any(t.stats is not None for t in report.quantized)
+    if not report.dry_run and measured:
         pooled = report.pooled_stats
         lines.append(Text(f"Pooled: SQNR {_db(pooled.sqnr_db)} dB, MSE {pooled.mse:.3g}, "
                           f"max abs error {pooled.max_abs_error:.3g}, "
@@ -144,6 +148,7 @@ def quantize_summary(report: QuantizeReport) -> Group:
             listed = ", ".join(f"{display_text(t.name)} ({_db(t.stats.sqnr_db)} dB)"  # type: ignore[union-attr]
                                for t in worst)
             lines.append(Text(f"Worst: {listed}"))
+    if not report.dry_run:
         lines.append(Text(f"Wrote {display_text(str(report.output))}"))
     else:
         lines.append(Text(f"Would write {display_text(str(report.output))} (nothing written)"))
@@ -166,7 +171,8 @@ def _tensor_json(tensor: TensorReport) -> dict[str, Any]:
 
 
 def quantize_json(report: QuantizeReport) -> dict[str, Any]:
-    pooled = None if report.dry_run else report.pooled_stats
+    measured = any(t.stats is not None for t in report.quantized)
+    pooled = report.pooled_stats if measured else None
     return {
         "schema_version": JSON_SCHEMA_VERSION,
         "command": "quantize",

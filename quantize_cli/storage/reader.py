@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -21,6 +24,8 @@ from .header import Header, TensorEntry, parse_header, read_header_length
 
 #: Default size of one read when streaming a tensor (bytes of the stored dtype).
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+
+T = TypeVar("T")
 
 
 class SafetensorsReader:
@@ -143,3 +148,42 @@ def is_float(entry: TensorEntry) -> bool:
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * DTYPE_BITS[dtype] // 8
+
+
+def prefetched(items: Iterator[T]) -> Iterator[T]:
+    """Yield the items of ``items``, reading the next one in a background thread while
+    the caller works on the current one (file reads release the GIL), so that reading
+    overlaps with computing. At most one item is read ahead; an exception in the reader
+    is raised in the caller at the point where that item would have been yielded.
+    """
+    ready: queue.Queue[tuple[bool, object]] = queue.Queue()
+    may_read = threading.Semaphore(0)  # the first item is read at once, later ones on a take
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                ready.put((True, item))
+                while not may_read.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+            ready.put((False, None))
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            ready.put((False, error))
+
+    worker = threading.Thread(target=produce, name="qz-reader", daemon=True)
+    worker.start()
+    try:
+        while True:
+            has_item, item = ready.get()
+            if not has_item:
+                if item is not None:
+                    raise item  # type: ignore[misc]
+                return
+            may_read.release()
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        worker.join()
