@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from contextlib import closing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,13 @@ from .qzformat import (
 from .storage.checkpoint import Checkpoint, Shard, open_checkpoint
 from .storage.dtypes import DTYPE_BITS, OUTPUT_DTYPES, numpy_dtype
 from .storage.header import TensorEntry
-from .storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader, prefetched
+from .storage.reader import (
+    DEFAULT_CHUNK_BYTES,
+    SafetensorsReader,
+    byte_chunks,
+    prefetched,
+    row_chunks,
+)
 from .storage.writer import PlannedTensor, SafetensorsWriter, StagedFolder, check_output_path
 
 
@@ -340,14 +347,18 @@ def _quantize_shard(
             SafetensorsWriter(target, planned_outputs(plans), metadata) as writer:
         if reader.header != shard.header:
             raise InputError(located(shard.path, None, "input changed while reading"))
-        for plan in plans:
-            if plan.scheme is None:
-                for piece in prefetched(reader.iter_bytes(plan.entry, chunk_bytes)):
-                    writer.write(plan.name, piece)
-                    progress.advance(piece.nbytes, plan.name)
-            else:
-                tensor_stats = _quantize_tensor(reader, plan.entry, plan.scheme, writer,
-                                                progress, chunk_bytes, error_stats)
+        # One read-ahead stream for the whole shard, so that reading the first chunk of
+        # a tensor overlaps with quantizing the last chunk of the one before.
+        with closing(prefetched(_shard_reads(reader, plans, chunk_bytes))) as reads:
+            for plan in plans:
+                if plan.scheme is None:
+                    for _ in byte_chunks(plan.entry, chunk_bytes):
+                        piece = next(reads)
+                        writer.write(plan.name, piece)
+                        progress.advance(piece.nbytes, plan.name)
+                    continue
+                tensor_stats = _quantize_tensor(reader, reads, plan.entry, plan.scheme,
+                                                writer, progress, chunk_bytes, error_stats)
                 if tensor_stats is not None:
                     stats[plan.name] = tensor_stats
         reader.check_unchanged()
@@ -355,8 +366,29 @@ def _quantize_shard(
     return stats
 
 
+def _passes(scheme: Scheme) -> int:
+    # Per tensor, the scale depends on the whole tensor: one pass for the range, one to
+    # quantize.
+    return 2 if scheme.granularity == "tensor" else 1
+
+
+def _shard_reads(
+    reader: SafetensorsReader, plans: list[TensorPlan], chunk_bytes: int
+) -> Iterator[np.ndarray]:
+    """Every read the quantize job makes on a shard, in the order it makes them."""
+    for plan in plans:
+        if plan.scheme is None:
+            yield from reader.iter_bytes(plan.entry, chunk_bytes)
+            continue
+        row_shape = plan.scheme.row_view_shape(plan.entry.shape)
+        for _ in range(_passes(plan.scheme)):
+            for _, chunk in reader.iter_rows(plan.entry, row_shape, chunk_bytes):
+                yield chunk
+
+
 def _quantize_tensor(
     reader: SafetensorsReader,
+    reads: Iterator[np.ndarray],
     entry: TensorEntry,
     scheme: Scheme,
     writer: SafetensorsWriter,
@@ -365,14 +397,13 @@ def _quantize_tensor(
     error_stats: bool,
 ) -> ErrorStats | None:
     row_shape = scheme.row_view_shape(entry.shape)
-    chunks = lambda: prefetched(reader.iter_rows(entry, row_shape, chunk_bytes))  # noqa: E731
+    chunks = row_chunks(entry, row_shape, chunk_bytes)
     tensor_range = None
     try:
-        if scheme.granularity == "tensor":
-            # The scale depends on the whole tensor: one pass for the range, one to quantize.
+        if _passes(scheme) == 2:
             low, high = math.inf, -math.inf
-            for _, chunk in chunks():
-                chunk_low, chunk_high = value_range(chunk)
+            for _ in chunks:
+                chunk_low, chunk_high = value_range(next(reads))
                 low, high = min(low, chunk_low), max(high, chunk_high)
             tensor_range = (low, high)
             scale, zero_point = qparams_from_range(low, high, scheme.method)
@@ -380,7 +411,8 @@ def _quantize_tensor(
             if zero_point is not None:
                 writer.write(zero_point_name(entry.name), zero_point.reshape(1))
         stats = ErrorStats()
-        for _, chunk in chunks():
+        for _ in chunks:
+            chunk = next(reads)
             result = quantize_rows(chunk, scheme, tensor_range=tensor_range,
                                    with_stats=error_stats)
             writer.write(entry.name, result.codes)
@@ -465,14 +497,17 @@ def dequantize_checkpoint(
         planned, quantized = shard_outputs(shard)
         metadata = plain_metadata(shard.header.metadata)
         with SafetensorsReader(shard.path) as reader, \
-                SafetensorsWriter(shard_target, planned, metadata) as writer:
+                SafetensorsWriter(shard_target, planned, metadata) as writer, \
+                closing(prefetched(_dequantize_reads(reader, planned, quantized,
+                                                     chunk_bytes))) as reads:
             for tensor in planned:
                 entry = shard.header[tensor.name]
                 if tensor.name in quantized:
-                    _dequantize_tensor(reader, entry, quantized[tensor.name], tensor.dtype,
-                                       writer, progress, chunk_bytes)
+                    _dequantize_tensor(reader, reads, entry, quantized[tensor.name],
+                                       tensor.dtype, writer, progress, chunk_bytes)
                 else:
-                    for piece in prefetched(reader.iter_bytes(entry, chunk_bytes)):
+                    for _ in byte_chunks(entry, chunk_bytes):
+                        piece = next(reads)
                         writer.write(tensor.name, piece)
                         progress.advance(piece.nbytes, tensor.name)
                 restored = quantized.get(tensor.name)
@@ -499,18 +534,51 @@ def dequantize_checkpoint(
     return DequantizeReport(checkpoint.source, target, tensors, output_bytes)
 
 
-def _scale_rows(
-    reader: SafetensorsReader, entry: TensorEntry, rows: int, groups: int, chunk_rows: int
-) -> Iterator[np.ndarray]:
-    for start in range(0, rows, chunk_rows):
-        stop = min(rows, start + chunk_rows)
-        buffer = np.empty((stop - start, groups), dtype=numpy_dtype(entry.dtype))
-        reader.read_into(entry, start * groups * buffer.itemsize, buffer)
-        yield buffer
+def _dequantize_row_chunks(
+    codes_entry: TensorEntry, scheme: Scheme, chunk_bytes: int
+) -> list[tuple[int, int]]:
+    # Chunks are sized by the float32 values they become, the largest buffer here.
+    columns = scheme.row_view_shape(codes_entry.shape)[1]
+    rows_per_chunk = max(1, chunk_bytes // max(columns * 4, 1))
+    return row_chunks(codes_entry, scheme.row_view_shape(codes_entry.shape),
+                      rows_per_chunk * max(columns, 1))
+
+
+def _dequantize_reads(
+    reader: SafetensorsReader,
+    planned: list[PlannedTensor],
+    quantized: dict[str, QuantizedEntry],
+    chunk_bytes: int,
+) -> Iterator[object]:
+    """Every read the dequantize job makes on a shard, in order: raw pieces of copied
+    tensors, and (codes, scale, zero point) row chunks of quantized ones."""
+    header = reader.header
+    for tensor in planned:
+        entry = header[tensor.name]
+        if tensor.name not in quantized:
+            yield from reader.iter_bytes(entry, chunk_bytes)
+            continue
+        scheme = quantized[tensor.name].scheme
+        row_shape = scheme.row_view_shape(entry.shape)
+        groups = 1 if scheme.granularity == "tensor" else scheme.groups_per_row(row_shape[1])
+        companions = [header[name] for name in quantized[tensor.name].companion_names()]
+        for start, stop in _dequantize_row_chunks(entry, scheme, chunk_bytes):
+            codes = np.empty((stop - start, row_shape[1]), dtype=np.int8)
+            reader.read_into(entry, start * row_shape[1], codes)
+            parameters = []
+            for companion in companions:
+                if scheme.granularity == "tensor":
+                    parameters.append(reader.read_tensor(companion).reshape(1, 1))
+                else:
+                    rows = np.empty((stop - start, groups), dtype=numpy_dtype(companion.dtype))
+                    reader.read_into(companion, start * groups * rows.itemsize, rows)
+                    parameters.append(rows)
+            yield codes, parameters[0], (parameters[1] if len(parameters) > 1 else None)
 
 
 def _dequantize_tensor(
     reader: SafetensorsReader,
+    reads: Iterator[object],
     codes_entry: TensorEntry,
     quantized: QuantizedEntry,
     out_dtype: str,
@@ -519,30 +587,9 @@ def _dequantize_tensor(
     chunk_bytes: int,
 ) -> None:
     scheme = quantized.scheme
-    header = reader.header
-    row_shape = scheme.row_view_shape(codes_entry.shape)
-    rows, columns = row_shape
-    per_tensor = scheme.granularity == "tensor"
-    groups = 1 if per_tensor else scheme.groups_per_row(columns)
-    scale_entry = header[scale_name(quantized.name)]
-    zero_entry = None if scheme.symmetric else header[zero_point_name(quantized.name)]
-    # Chunks are sized by the float32 values they become, the largest buffer here.
-    chunk_rows = max(1, chunk_bytes // max(columns * 4, 1))
-    if per_tensor:
-        whole_scale = reader.read_tensor(scale_entry).reshape(1, 1)
-        whole_zero = None if zero_entry is None else reader.read_tensor(zero_entry).reshape(1, 1)
-    else:
-        scale_chunks = _scale_rows(reader, scale_entry, rows, groups, chunk_rows)
-        zero_chunks = (None if zero_entry is None
-                       else _scale_rows(reader, zero_entry, rows, groups, chunk_rows))
     target = numpy_dtype(out_dtype)
-    codes_chunks = reader.iter_rows(codes_entry, row_shape, chunk_rows * max(columns, 1))
-    for _, codes in prefetched(codes_chunks):
-        if per_tensor:
-            scale, zero_point = whole_scale, whole_zero
-        else:
-            scale = next(scale_chunks)
-            zero_point = None if zero_chunks is None else next(zero_chunks)
+    for _ in _dequantize_row_chunks(codes_entry, scheme, chunk_bytes):
+        codes, scale, zero_point = next(reads)  # type: ignore[misc]
         _check_stored_values(reader.path, quantized, codes, scale, zero_point)
         try:
             values = dequantize_rows(codes, scale, zero_point, scheme, target)

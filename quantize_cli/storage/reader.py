@@ -96,22 +96,19 @@ class SafetensorsReader:
     def iter_rows(
         self, entry: TensorEntry, row_shape: tuple[int, int], chunk_bytes: int
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(first_row, rows)`` of the tensor's 2-D ``row_shape`` view, each chunk
-        at most ``chunk_bytes`` (at least one row), as arrays of the stored dtype."""
+        """Yield ``(first_row, rows)`` of the tensor's 2-D ``row_shape`` view, in the
+        chunks of :func:`row_chunks`, as arrays of the stored dtype."""
         dtype = numpy_dtype(entry.dtype)
-        rows, columns = row_shape
-        row_bytes = max(columns * dtype.itemsize, 1)
-        step = max(1, chunk_bytes // row_bytes)
-        for start in range(0, rows, step):
-            stop = min(rows, start + step)
+        columns = row_shape[1]
+        for start, stop in row_chunks(entry, row_shape, chunk_bytes):
             chunk = np.empty((stop - start, columns), dtype=dtype)
             self.read_into(entry, start * columns * dtype.itemsize, chunk)
             yield start, chunk
 
     def iter_bytes(self, entry: TensorEntry, chunk_bytes: int) -> Iterator[np.ndarray]:
-        """Yield the raw bytes of ``entry`` in pieces of at most ``chunk_bytes``."""
-        for start in range(0, entry.nbytes, chunk_bytes):
-            piece = np.empty(min(chunk_bytes, entry.nbytes - start), dtype=np.uint8)
+        """Yield the raw bytes of ``entry`` in the pieces of :func:`byte_chunks`."""
+        for start, stop in byte_chunks(entry, chunk_bytes):
+            piece = np.empty(stop - start, dtype=np.uint8)
             self.read_into(entry, start, piece)
             yield piece
 
@@ -140,6 +137,22 @@ def _open_regular_file(path: Path) -> int:
         return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except OSError as error:
         raise InputError(located(path, None, f"cannot be read ({error.strerror})")) from None
+
+
+def row_chunks(
+    entry: TensorEntry, row_shape: tuple[int, int], chunk_bytes: int
+) -> list[tuple[int, int]]:
+    """Row ranges of at most ``chunk_bytes`` of stored data each (at least one row)."""
+    rows, columns = row_shape
+    row_bytes = max(columns * numpy_dtype(entry.dtype).itemsize, 1)
+    step = max(1, chunk_bytes // row_bytes)
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def byte_chunks(entry: TensorEntry, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Byte ranges of at most ``chunk_bytes`` covering the tensor."""
+    return [(start, min(entry.nbytes, start + chunk_bytes))
+            for start in range(0, entry.nbytes, chunk_bytes)]
 
 
 def is_float(entry: TensorEntry) -> bool:
