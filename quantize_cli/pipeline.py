@@ -307,7 +307,7 @@ def quantize_checkpoint(
         tensors = [t for shard in checkpoint.shards for t in report_for(shard, {})]
         return QuantizeReport(checkpoint.source, target, scheme, _by_name(tensors), dry_run=True)
 
-    progress.start(checkpoint.total_bytes)
+    progress.start(checkpoint.data_bytes)
     tensors = []
     if not checkpoint.sharded:
         shard = checkpoint.shards[0]
@@ -488,7 +488,7 @@ def dequantize_checkpoint(
             planned.append(PlannedTensor(tensor.name, out_dtype, tensor.shape))
         return planned, quantized
 
-    progress.start(checkpoint.total_bytes)
+    progress.start(checkpoint.data_bytes)
     tensors: list[DequantizedTensor] = []
     output_bytes = 0
 

@@ -51,6 +51,11 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(shard.header.file_size for shard in self.shards)
 
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of tensor data (what a job reads, and what its progress counts)."""
+        return sum(shard.header.data_size for shard in self.shards)
+
     def companion_files(self) -> list[Path]:
         """Other files of a sharded model folder (config, tokenizer, …) to copy along."""
         if self.index_path is None:
