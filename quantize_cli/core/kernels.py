@@ -112,15 +112,22 @@ def quantize_view(
     np.divide(groups, divisor, out=scaled)
     if zero_point is not None:
         np.add(scaled, zero_point[..., None].astype(np.float32), out=scaled)
-    rounded = scratch(2, groups.shape) if with_stats else scaled
-    np.rint(scaled, out=rounded)
-    if not scheme.symmetric:
+    if scheme.symmetric or not with_stats:
+        if not scheme.symmetric:
+            # Clipping before rounding equals clipping after: the bounds are integers.
+            np.clip(scaled, -128, 127, out=scaled)
         # absmax needs no clip: |x| ≤ max|x| and s ≥ max|x|/127 keep |x / s| ≤ 127.0000x,
-        # which rounds into [-127, 127]; affine can reach 127.5 (rounds to 128).
+        # which rounds into [-127, 127]. Rounding straight into the int8 codes saves a pass.
+        np.rint(scaled, out=codes, casting="unsafe")
+        if not with_stats:
+            return None
+        rounded: np.ndarray = codes
+    else:
+        # affine with statistics keeps the unclipped y: its error is measured against it.
+        rounded = scratch(2, groups.shape)
+        np.rint(scaled, out=rounded)
         np.clip(rounded, -128, 127, out=rounded)
-    np.copyto(codes, rounded, casting="unsafe")
-    if not with_stats:
-        return None
+        np.copyto(codes, rounded, casting="unsafe")
     error = scaled  # x - x̂ = s · (x / s + z - q)
     np.subtract(scaled, rounded, out=error)
     np.multiply(error, divisor, out=error)
