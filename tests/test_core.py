@@ -146,6 +146,18 @@ def test_non_finite_input_is_an_error_with_count_and_first_index(bad: float,
     )
 
 
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
+@pytest.mark.parametrize("method", ["absmax", "affine"])
+@pytest.mark.parametrize("bad", [np.nan, -np.nan, np.inf, -np.inf])
+def test_non_finite_16_bit_input_is_found_in_its_bits(dtype: type, method: str,
+                                                      bad: float) -> None:
+    x = np.ones((2, 256), dtype=np.float32)
+    x[1, 200] = bad
+    with pytest.raises(NonFiniteValuesError) as caught:
+        quantize(x.astype(dtype), Scheme(method, "block", 128))  # type: ignore[arg-type]
+    assert (caught.value.count, caught.value.first_index) == (1, (1, 200))
+
+
 def test_subnormal_values_keep_the_error_bound() -> None:
     x = np.array([1e-45, -1e-45, 0.0, 3e-45], dtype=np.float32)
     qt = quantize(x, Scheme("absmax", "tensor"))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from quantize_cli import QuantizedTensor, Scheme, dequantize, quantize
 from quantize_cli.core import quantize_rows
-from quantize_cli.errors import DtypeRangeError
+from quantize_cli.errors import DtypeRangeError, NonFiniteValuesError
 
 # Values within half a step of float32's maximum are refused by affine (see
 # test_core.py::test_float32_limit); every other finite value must satisfy the bounds.
@@ -127,3 +128,21 @@ def test_negating_input_negates_absmax_codes(x: np.ndarray, method: str) -> None
         qt = quantize(np.concatenate([x.ravel(), [0.0]]).astype(np.float32),
                       Scheme("affine", "tensor"))
         assert dequantize(qt)[-1] == 0.0
+
+
+@settings(deadline=None)
+@given(arrays, schemes, st.sampled_from(["bfloat16", "float16"]))
+def test_16_bit_inputs_give_the_bytes_of_their_float32_values(x: np.ndarray, scheme: Scheme,
+                                                               dtype: str) -> None:
+    # Ranges are read from the 16-bit patterns directly; they must agree with float32.
+    import ml_dtypes
+
+    narrow = x.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+    widened = narrow.astype(np.float32)
+    if not np.isfinite(widened).all():  # float16 overflow: refused like any infinity
+        with pytest.raises(NonFiniteValuesError):
+            quantize(narrow, scheme)
+        return
+    direct, reference = quantize(narrow, scheme), quantize(widened, scheme)
+    assert direct.codes.tobytes() == reference.codes.tobytes()
+    assert direct.scale.tobytes() == reference.scale.tobytes()

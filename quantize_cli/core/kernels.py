@@ -18,7 +18,8 @@ Two tricks keep this fast in plain numpy, both exact:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,8 +28,32 @@ from .scheme import Scheme
 from .stats import ErrorStats
 from .threads import scratch
 
-_MAGNITUDE_BITS = np.int32(0x7FFFFFFF)
-_NON_FINITE_BITS = 0x7F800000
+@dataclass(frozen=True)
+class _BitLayout:
+    """How to read sign-magnitude float bits as integers, for one storage width."""
+
+    signed: type  # the int view: its max is the largest non-negative value
+    unsigned: type  # the uint view: its max is the most negative value, if any
+    magnitude_mask: int
+    non_finite: int  # exponent all ones: NaN or ±inf at or above this magnitude
+    to_float32: Callable[[np.ndarray], np.ndarray]  # magnitudes (unsigned) → float32
+
+
+_LAYOUTS = {
+    "float32": _BitLayout(np.int32, np.uint32, 0x7FFFFFFF, 0x7F800000,
+                          lambda bits: bits.astype(np.uint32).view(np.float32)),
+    # bfloat16 is the top half of a float32, and float16 converts exactly: both read
+    # half the bytes of their float32 conversion.
+    "bfloat16": _BitLayout(np.int16, np.uint16, 0x7FFF, 0x7F80,
+                           lambda bits: (bits.astype(np.uint32) << 16).view(np.float32)),
+    "float16": _BitLayout(np.int16, np.uint16, 0x7FFF, 0x7C00,
+                          lambda bits: bits.astype(np.uint16).view(np.float16)
+                          .astype(np.float32)),
+}
+
+
+def has_bit_layout(dtype: np.dtype) -> bool:
+    return dtype.name in _LAYOUTS
 
 
 class NonFiniteInTile(Exception):
@@ -52,39 +77,44 @@ def group_views(rows: np.ndarray, scheme: Scheme) -> Iterator[tuple[np.ndarray, 
 
 
 def group_magnitude(groups: np.ndarray) -> np.ndarray:
-    """max|x| per group, as float32 of shape ``groups.shape[:-1]``.
+    """max|x| per group of a float32, bfloat16 or float16 view, as float32 of shape
+    ``groups.shape[:-1]``.
 
     Raises:
         NonFiniteInTile: a group holds NaN or ±inf.
     """
-    bits = scratch(0, groups.shape, np.int32)  # the slot quantize_view fills next
-    np.bitwise_and(groups.view(np.int32), _MAGNITUDE_BITS, out=bits)
+    layout = _LAYOUTS[groups.dtype.name]
+    bits = scratch(0, groups.shape, layout.signed)  # the slot quantize_view fills next
+    np.bitwise_and(groups.view(layout.signed), layout.signed(layout.magnitude_mask), out=bits)
     top = bits.max(axis=-1)
-    if top.size and top.max() >= _NON_FINITE_BITS:
+    if top.size and top.max() >= layout.non_finite:
         raise NonFiniteInTile
-    return top.view(np.float32)
+    return layout.to_float32(top)
 
 
 def group_range(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(min(min x, 0), max(max x, 0)) per group, as float32 of shape ``groups.shape[:-1]``.
+    """(min(min x, 0), max(max x, 0)) per group of a float32, bfloat16 or float16 view,
+    as float32 of shape ``groups.shape[:-1]``.
 
-    Both come from reductions over the raw bits, with no pass that writes: as int32 the
-    largest pattern is the largest positive value; as uint32 it is the most negative
-    value (sign bit set, largest magnitude) whenever the group has one.
+    Both come from reductions over the raw bits, with no pass that writes: as a signed
+    integer the largest pattern is the largest positive value; as unsigned it is the most
+    negative value (sign bit set, largest magnitude) whenever the group has one.
 
     Raises:
         NonFiniteInTile: a group holds NaN or ±inf.
     """
-    highest = groups.view(np.int32).max(axis=-1)
-    lowest = groups.view(np.uint32).max(axis=-1)
-    magnitude_of_lowest = lowest & np.uint32(0x7FFFFFFF)
-    has_negative = lowest > np.uint32(0x7FFFFFFF)
-    if highest.size and (highest.max() >= _NON_FINITE_BITS
-                         or (magnitude_of_lowest * has_negative).max() >= _NON_FINITE_BITS):
+    layout = _LAYOUTS[groups.dtype.name]
+    highest = groups.view(layout.signed).max(axis=-1)
+    lowest = groups.view(layout.unsigned).max(axis=-1)
+    mask = layout.unsigned(layout.magnitude_mask)
+    magnitude_of_lowest = lowest & mask
+    has_negative = lowest > mask
+    if highest.size and (highest.max() >= layout.non_finite
+                         or (magnitude_of_lowest * has_negative).max() >= layout.non_finite):
         raise NonFiniteInTile
     # Patterns on the wrong side of zero mean "no value there": the range includes 0.
-    high = np.maximum(highest, 0).view(np.float32)
-    low = -np.where(has_negative, magnitude_of_lowest, np.uint32(0)).view(np.float32)
+    high = layout.to_float32(np.maximum(highest, 0))
+    low = -layout.to_float32(np.where(has_negative, magnitude_of_lowest, 0))
     return low, high
 
 
@@ -164,7 +194,8 @@ def dequantize_view(
 def tile_qparams(
     groups: np.ndarray, scheme: Scheme
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scale and zero point of every group of a view (shape ``groups.shape[:-1]``)."""
+    """Scale and zero point of every group of a view (shape ``groups.shape[:-1]``), read
+    from the view's own dtype (float32, bfloat16 or float16)."""
     if scheme.symmetric:
         return absmax_scale(group_magnitude(groups)), None
     return affine_qparams(*group_range(groups))

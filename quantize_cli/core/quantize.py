@@ -166,17 +166,25 @@ def quantize_rows(
         scale = np.empty((row_count, groups), dtype=np.float32)
         zero_point = None if scheme.symmetric else np.empty((row_count, groups), np.int8)
 
+    # Group ranges are read from the stored bits where they can be (BF16, F16: half the
+    # bytes); float64 is read after conversion.
+    range_source_is_native = kernels.has_bit_layout(rows.dtype)
+
     def work(tile: slice) -> ErrorStats | None:
         tile_stats = None
-        values = _float32_tile(rows[tile])
-        for (view, owned), (code_view, _) in zip(kernels.group_views(values, scheme),
-                                                 kernels.group_views(codes[tile], scheme)):
+        native = rows[tile]
+        values = _float32_tile(native)
+        range_source = native if range_source_is_native else values
+        for (view, owned), (range_view, _), (code_view, _) in zip(
+            kernels.group_views(values, scheme), kernels.group_views(range_source, scheme),
+            kernels.group_views(codes[tile], scheme),
+        ):
             if per_tensor:
                 view_scale = np.broadcast_to(scale, view.shape[:2])
                 view_zero = None if zero_point is None else np.broadcast_to(
                     zero_point, view.shape[:2])
             else:
-                view_scale, view_zero = kernels.tile_qparams(view, scheme)
+                view_scale, view_zero = kernels.tile_qparams(range_view, scheme)
                 scale[tile, owned] = view_scale
                 if zero_point is not None:
                     zero_point[tile, owned] = view_zero

@@ -84,7 +84,7 @@ def map_tiles(work: Callable[[slice], T], rows: int, rows_per_tile: int) -> list
 
 def scratch(slot: int, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
     """This thread's reusable buffer number ``slot``, viewed with ``shape`` and ``dtype``
-    (all dtypes used here are 4 bytes wide, so a slot serves as float32 or int32)."""
+    (of at most 4 bytes an element)."""
     buffers = getattr(_local, "buffers", None)
     if buffers is None:
         buffers = _local.buffers = {}
@@ -92,4 +92,5 @@ def scratch(slot: int, shape: tuple[int, ...], dtype: type = np.float32) -> np.n
     buffer = buffers.get(slot)
     if buffer is None or buffer.size < size:
         buffer = buffers[slot] = np.empty(max(size, TILE_ELEMENTS), dtype=np.float32)
-    return buffer[:size].view(dtype).reshape(shape)
+    words = -(-size * np.dtype(dtype).itemsize // 4)
+    return buffer[:words].view(dtype)[:size].reshape(shape)
