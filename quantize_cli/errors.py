@@ -108,3 +108,7 @@ class QuantizedFormatError(InputError):
 
 class OutputError(QzError):
     """The output cannot be written (exists, is the input, disk full, not writable)."""
+
+
+class InternalCheckError(QzError):
+    """qz's own check of what it produced failed: a bug, reported instead of published."""

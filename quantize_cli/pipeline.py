@@ -20,12 +20,13 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from .core.params import qparams_from_range
-from .core.quantize import as_float32, dequantize_rows, quantize_rows, value_range
+from .core.quantize import RowResult, as_float32, dequantize_rows, quantize_rows, value_range
 from .core.scheme import Scheme
 from .core.stats import ErrorStats
 from .errors import (
     DtypeRangeError,
     InputError,
+    InternalCheckError,
     NonFiniteValuesError,
     OutputError,
     QuantizedFormatError,
@@ -415,6 +416,7 @@ def _quantize_tensor(
             chunk = next(reads)
             result = quantize_rows(chunk, scheme, tensor_range=tensor_range,
                                    with_stats=error_stats)
+            _check_produced(writer.target, entry.name, scheme, result)
             writer.write(entry.name, result.codes)
             if scheme.granularity != "tensor":
                 # Scale rows follow the code rows, so they stream out in step.
@@ -427,6 +429,21 @@ def _quantize_tensor(
     except NonFiniteValuesError:
         raise _locate_non_finite(reader, entry, row_shape, chunk_bytes) from None
     return stats if error_stats else None
+
+
+def _check_produced(target: Path, name: str, scheme: Scheme, result: RowResult) -> None:
+    """Check the numbers before they are written (DESIGN §6.4): finite, non-negative
+    scales and codes in the method's range. Cheap (int8 min/max and the small scale
+    array); a failure is a bug in qz, and nothing is published."""
+    lowest, highest = scheme.code_range
+    scale_ok = bool(np.isfinite(result.scale).all() and (result.scale >= 0).all())
+    codes_ok = result.codes.size == 0 or (
+        int(result.codes.min()) >= lowest and int(result.codes.max()) <= highest)
+    if not (scale_ok and codes_ok):
+        raise InternalCheckError(
+            located(target, name, "produced scales or codes out of range; nothing was written"),
+            hint="this is a bug in qz: please report it with the input's header",
+        )
 
 
 def _locate_non_finite(

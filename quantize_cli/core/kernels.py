@@ -161,12 +161,20 @@ def quantize_view(
     error = scaled  # x - x̂ = s · (x / s + z - q)
     np.subtract(scaled, rounded, out=error)
     np.multiply(error, divisor, out=error)
-    return _view_stats(groups, error)
+    return _view_stats(groups, error, float(np.max(scale)) if scale.size else 0.0)
 
 
-def _view_stats(groups: np.ndarray, error: np.ndarray) -> ErrorStats:
+#: Sums of squares stay within float32 only for magnitudes between these: beyond them a
+#: tile's statistics are summed in float64 (rare: weights are not near 1e16 or 1e-15).
+_FLOAT32_SAFE_MAGNITUDES = (1e-15, 1e16)
+
+
+def _view_stats(groups: np.ndarray, error: np.ndarray, largest_scale: float) -> ErrorStats:
     values = groups.reshape(-1)  # a copy only for the view of a short tail block
     flat_error = error.reshape(-1)
+    magnitude = largest_scale * 256  # bounds |x| for both methods
+    if magnitude and not _FLOAT32_SAFE_MAGNITUDES[0] < magnitude < _FLOAT32_SAFE_MAGNITUDES[1]:
+        values, flat_error = values.astype(np.float64), flat_error.astype(np.float64)
     signal = float(np.dot(values, values))
     error_energy = float(np.dot(flat_error, flat_error))
     cross_error = float(np.dot(values, flat_error))

@@ -206,8 +206,12 @@ def _parse_entry(name: str, value: Any, path: str | Path) -> TensorEntry:
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise HeaderError(located(path, name, f"unknown dtype {dtype!r}"))
     shape = value["shape"]
-    if not isinstance(shape, list) or not all(_is_size(dim) for dim in shape):
+    if not isinstance(shape, list) or not all(
+        _is_integer(dim) and 0 <= dim < 2**64 for dim in shape  # the reference's usize
+    ):
         raise HeaderError(located(path, name, "shape must be a list of non-negative integers"))
+    if not _small_enough(shape):
+        raise HeaderError(located(path, name, f"shape {shape} is too large"))
     offsets = value["data_offsets"]
     if (
         not isinstance(offsets, list)
@@ -221,9 +225,27 @@ def _parse_entry(name: str, value: Any, path: str | Path) -> TensorEntry:
     return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
-def _is_size(value: Any) -> bool:
+def _is_integer(value: Any) -> bool:
     # type() rather than isinstance(): JSON true would otherwise pass as the integer 1.
-    return type(value) is int and 0 <= value <= MAX_DIMENSION
+    return type(value) is int
+
+
+def _small_enough(shape: list[int]) -> bool:
+    """The element count fits the schema's size_t bound; stops early, so a hostile shape
+    of many huge entries costs no big-integer arithmetic."""
+    count = 1
+    for dim in shape:
+        if dim == 0:
+            return True
+    for dim in shape:
+        count *= dim
+        if count > MAX_DIMENSION:
+            return False
+    return True
+
+
+def _is_size(value: Any) -> bool:
+    return _is_integer(value) and 0 <= value <= MAX_DIMENSION
 
 
 def _check_layout(entries: list[TensorEntry], data_size: int, path: str | Path) -> None:
