@@ -6,7 +6,9 @@ traceback); 2 bad usage (click); 130 interrupted (Ctrl-C); 143 terminated (SIGTE
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -53,8 +55,26 @@ def reports_errors(command: F) -> F:
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing was written.", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except OSError as error:
+            if error.errno == errno.EPIPE:  # stdout closed early (`| head`): click's job
+                raise
+            _internal_error(error)
+        except Exception as error:  # a bug: one line, and the traceback on request
+            _internal_error(error)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _internal_error(error: Exception) -> None:
+    if os.environ.get("QZ_TRACEBACK"):
+        raise error
+    click.echo(f"Error: internal error: {type(error).__name__}: "
+               f"{render.display_text(str(error))}", err=True)
+    click.echo("Hint: this is a bug in qz; QZ_TRACEBACK=1 shows the traceback for a report",
+               err=True)
+    sys.exit(EXIT_FAILURE)
 
 
 class _BarProgress:

@@ -82,7 +82,11 @@ class SafetensorsReader:
             raise ValueError("read past the end of the tensor")
         done = 0
         while done < len(view):
-            count = os.preadv(self._fd, [view[done:]], position + done)
+            try:
+                count = os.preadv(self._fd, [view[done:]], position + done)
+            except OSError as error:
+                raise InputError(located(self.path, entry.name,
+                                         f"cannot be read ({error.strerror})")) from None
             if count == 0:
                 raise self._changed_error()
             done += count

@@ -15,8 +15,8 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import secrets
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -70,6 +70,30 @@ def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None
                           hint="use --force to replace it")
 
 
+def _create_beside(target: Path, record: Callable[[Path], None], directory: bool) -> int:
+    """Create a new hidden ``.NAME.XXXXXXXX.qz-partial`` file (or folder) beside
+    ``target``; return its descriptor (-1 for a folder).
+
+    The name is recorded with ``record`` *before* the file exists, so that Ctrl-C at any
+    moment leaves nothing behind that the caller does not know about (``mkstemp`` only
+    returns the name after creating the file).
+    """
+    while True:
+        path = target.parent / f".{target.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        record(path)
+        try:
+            if directory:
+                os.mkdir(path, 0o700)
+                return -1
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL
+                           | getattr(os, "O_BINARY", 0), 0o600)
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise OutputError(located(target, None, f"cannot write to "
+                                      f"{str(target.parent)!r} ({error.strerror})")) from None
+
+
 def _umask() -> int:
     # The umask can only be read by setting it; this runs once per output, in the main
     # thread, before any worker thread touches the file system.
@@ -111,18 +135,16 @@ class SafetensorsWriter:
 
     def __enter__(self) -> SafetensorsWriter:
         try:
-            fd, name = tempfile.mkstemp(
-                prefix=f".{self.target.name}.", suffix=PARTIAL_SUFFIX, dir=self.target.parent
-            )
-        except OSError as error:
-            raise OutputError(
-                located(self.target, None, f"cannot write to {str(self.target.parent)!r} "
-                        f"({error.strerror})")
-            ) from None
-        self._fd, self._temp_path = fd, Path(name)
-        self._pwrite(self.header_bytes, 0)
-        self._behind = _WriteBehind(self._write_and_hint)
+            self._fd = _create_beside(self.target, self._record_temp_path, directory=False)
+            self._pwrite(self.header_bytes, 0)
+            self._behind = _WriteBehind(self._write_and_hint)
+        except BaseException:
+            self.discard()
+            raise
         return self
+
+    def _record_temp_path(self, path: Path) -> None:
+        self._temp_path = path
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self.discard()
@@ -308,36 +330,45 @@ class StagedFolder:
 
     def __enter__(self) -> StagedFolder:
         try:
-            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.",
-                                              suffix=PARTIAL_SUFFIX, dir=self.target.parent))
-        except OSError as error:
-            raise OutputError(
-                located(self.target, None, f"cannot write to {str(self.target.parent)!r} "
-                        f"({error.strerror})")
-            ) from None
-        os.chmod(self.path, 0o777 & ~_umask())
+            _create_beside(self.target, self._record_path, directory=True)
+            os.chmod(self.path, 0o777 & ~_umask())
+        except BaseException:
+            self.__exit__()
+            raise
         return self
+
+    def _record_path(self, path: Path) -> None:
+        self.path = path
 
     def __exit__(self, *exc_info: object) -> None:
         if self.path != self.target and self.path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
 
     def publish(self) -> None:
-        """Rename the staging folder to the target (replacing it only with ``force``)."""
-        previous: Path | None = None
+        """Rename the staging folder to the target (replacing it only with ``force``).
+
+        An existing target is first renamed aside, and renamed back if the new folder
+        cannot take its place; two renames are as close to atomic as folders get.
+        """
+        aside: Path | None = None
         try:
             if self.target.exists():
                 if not self.force:
                     raise OutputError(located(self.target, None, "already exists"),
                                       hint="use --force to replace it")
-                previous = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.",
-                                                 suffix=".qz-old", dir=self.target.parent))
-                os.replace(self.target, previous / self.target.name)
-            os.replace(self.path, self.target)
+                aside = self.target.with_name(
+                    f".{self.target.name}.{secrets.token_hex(4)}.qz-old")
+                os.replace(self.target, aside)
+            try:
+                os.replace(self.path, self.target)
+            except OSError:
+                if aside is not None:
+                    os.replace(aside, self.target)
+                raise
         except OSError as error:
             raise OutputError(located(self.target, None, f"could not be published "
                                       f"({error.strerror})")) from None
         self.path = self.target
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         _fsync_directory(self.target.parent)
