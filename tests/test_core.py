@@ -267,3 +267,14 @@ def test_stats_merge_equals_stats_of_the_whole() -> None:
     assert merged.mse == pytest.approx(whole.mse)
     assert merged.max_abs_error == whole.max_abs_error
     assert merged.sqnr_db == pytest.approx(whole.sqnr_db)
+
+
+def test_dequantize_refuses_scales_that_overflow() -> None:
+    from quantize_cli import QuantizedTensor
+    from quantize_cli.errors import DtypeRangeError
+
+    damaged = QuantizedTensor(codes=np.array([[127, 1]], np.int8),
+                              scale=np.array([[1e37]], np.float32), zero_point=None,
+                              scheme=Scheme("absmax", "channel"))
+    with pytest.raises(DtypeRangeError, match="exceed the range of float32"):
+        dequantize(damaged)

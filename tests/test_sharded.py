@@ -142,6 +142,11 @@ def _break(sharded: Path, how: str) -> str:
         return "invalid index file"
     elif how == "listed but absent":
         index["weight_map"]["ghost.weight"] = SHARD_2
+    elif how == "duplicate index key":
+        text = json.dumps(index)
+        index_path.write_text(text.replace('"weight_map": {', '"weight_map": {"lm_head.weight": '
+                                           f'"{SHARD_2}", ', 1))
+        return "tensor 'lm_head.weight': appears twice in the index"
     index_path.write_text(json.dumps(index))
     return {
         "wrong shard": f"tensor 'lm_head.weight': is in this shard but is mapped to '{SHARD_1}'",
@@ -158,7 +163,7 @@ def _break(sharded: Path, how: str) -> str:
 @pytest.mark.parametrize("how", ["missing shard", "tensor in two shards", "wrong shard",
                                  "unlisted tensor", "outside folder", "absolute path",
                                  "not a string", "no weight_map", "not json",
-                                 "listed but absent"])
+                                 "listed but absent", "duplicate index key"])
 @pytest.mark.parametrize("command", ["quantize", "inspect"])
 def test_inconsistent_checkpoints_are_refused(runner: CliRunner, sharded: Path, how: str,
                                               command: str) -> None:
@@ -205,3 +210,19 @@ def test_folder_with_one_file(runner: CliRunner, small_model: Path) -> None:
 def test_folder_without_checkpoint(runner: CliRunner, tmp_path: Path) -> None:
     stderr = run_fail(runner, 1, "inspect", str(tmp_path))
     assert "folder holds no model.safetensors.index.json and 0 .safetensors files" in stderr
+
+
+def test_one_shard_already_quantized(runner: CliRunner, sharded: Path) -> None:
+    from quantize_cli.pipeline import quantize_checkpoint
+
+    quantize_checkpoint(sharded / SHARD_2, sharded.parent / "q.safetensors")
+    os.replace(sharded.parent / "q.safetensors", sharded / SHARD_2)
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update({"layers.1.q.weight_scale": SHARD_2,
+                                "lm_head.weight_scale": SHARD_2})
+    index_path.write_text(json.dumps(index))
+    before = snapshot(sharded.parent)
+    stderr = run_fail(runner, 1, "quantize", str(sharded))
+    assert f"{sharded / SHARD_2}: is already quantized by qz (format version 1)" in stderr
+    assert snapshot(sharded.parent) == before

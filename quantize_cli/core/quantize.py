@@ -43,6 +43,8 @@ from .scheme import Scheme
 from .stats import ErrorStats
 from .threads import map_tiles, scratch, tile_rows
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass(frozen=True)
 class QuantizedTensor:
@@ -230,6 +232,10 @@ def dequantize_rows(
     scale = np.asarray(scale, dtype=np.float32)
     per_tensor = scheme.granularity == "tensor"
 
+    # |x̂| ≤ 255·s: only scales this large (a damaged file, or values near float32's
+    # limit) can overflow, and only then is each tile checked.
+    may_overflow = bool(scale.size) and float(np.max(scale)) * 255 > _FLOAT32_MAX
+
     def work(tile: slice) -> None:
         values = out[tile] if target == np.float32 else scratch(3, out[tile].shape)
         for (code_view, owned), (out_view, _) in zip(
@@ -242,7 +248,13 @@ def dequantize_rows(
             else:
                 view_scale = scale[tile, owned]
                 view_zero = None if zero_point is None else zero_point[tile, owned]
-            kernels.dequantize_view(code_view, view_scale, view_zero, out_view)
+            if may_overflow:
+                with np.errstate(over="ignore"):
+                    kernels.dequantize_view(code_view, view_scale, view_zero, out_view)
+                if not np.isfinite(out_view).all():
+                    raise DtypeRangeError("values exceed the range of float32")
+            else:
+                kernels.dequantize_view(code_view, view_scale, view_zero, out_view)
         if target != np.float32:
             _check_fits(values, target)
             np.copyto(out[tile], values, casting="unsafe")
