@@ -20,7 +20,15 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from .core.params import qparams_from_range
-from .core.quantize import RowResult, as_float32, dequantize_rows, quantize_rows, value_range
+from .core import clip
+from .core.quantize import (
+    RowResult,
+    as_float32,
+    dequantize_rows,
+    quantize_rows,
+    tensor_errors,
+    value_range,
+)
 from .core.scheme import Scheme
 from .core.stats import ErrorStats
 from .errors import (
@@ -368,9 +376,26 @@ def _quantize_shard(
 
 
 def _passes(scheme: Scheme) -> int:
-    # Per tensor, the scale depends on the whole tensor: one pass for the range, one to
-    # quantize.
-    return 2 if scheme.granularity == "tensor" else 1
+    # Per tensor, the scale depends on the whole tensor: one pass for the range, with
+    # --clip mse one for each stage of the search, and one to quantize.
+    if scheme.granularity != "tensor":
+        return 1
+    return 4 if scheme.clip == "mse" else 2
+
+
+def _search_tensor_range(
+    reads: Iterator[np.ndarray], chunk_count: int, full_range: tuple[float, float],
+    scheme: Scheme,
+) -> tuple[float, float]:
+    """The two stages of the --clip mse search over a whole tensor, one pass each."""
+    def errors(factors: list[float]) -> list[float]:
+        total = np.zeros(len(factors))
+        for _ in range(chunk_count):
+            total += tensor_errors(next(reads), full_range, scheme.method, factors)
+        return list(total)
+
+    factor = clip.search_tensor_factor(errors)
+    return full_range[0] * factor, full_range[1] * factor
 
 
 def _shard_reads(
@@ -401,13 +426,15 @@ def _quantize_tensor(
     chunks = row_chunks(entry, row_shape, chunk_bytes)
     tensor_range = None
     try:
-        if _passes(scheme) == 2:
+        if scheme.granularity == "tensor":
             low, high = math.inf, -math.inf
             for _ in chunks:
                 chunk_low, chunk_high = value_range(next(reads))
                 low, high = min(low, chunk_low), max(high, chunk_high)
             tensor_range = (low, high)
-            scale, zero_point = qparams_from_range(low, high, scheme.method)
+            if scheme.clip == "mse":
+                tensor_range = _search_tensor_range(reads, len(chunks), tensor_range, scheme)
+            scale, zero_point = qparams_from_range(*tensor_range, scheme.method)
             writer.write(scale_name(entry.name), scale.reshape(1))
             if zero_point is not None:
                 writer.write(zero_point_name(entry.name), zero_point.reshape(1))

@@ -44,12 +44,15 @@ class QuantizedEntry:
     original_dtype: str
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        described = {
             "method": self.scheme.method,
             "granularity": self.scheme.granularity,
             "block": self.scheme.block_size,
             "dtype": self.original_dtype,
         }
+        if self.scheme.clip != "none":  # optional: absent means the full range
+            described["clip"] = self.scheme.clip
+        return described
 
     def companion_names(self) -> list[str]:
         names = [scale_name(self.name)]
@@ -121,8 +124,9 @@ def _parse_entry(name: str, value: Any, path: str | Path) -> QuantizedEntry:
     def bad(rule: str) -> QuantizedFormatError:
         return QuantizedFormatError(located(path, name, f"invalid {KEY_TENSORS} entry: {rule}"))
 
-    if not isinstance(value, dict) or set(value) != {"method", "granularity", "block", "dtype"}:
-        raise bad("expected exactly the keys method, granularity, block, dtype")
+    required = {"method", "granularity", "block", "dtype"}
+    if not isinstance(value, dict) or not required <= set(value) <= required | {"clip"}:
+        raise bad("expected the keys method, granularity, block, dtype (and clip)")
     if value["method"] not in METHODS or value["granularity"] not in GRANULARITIES:
         raise bad(f"unknown method/granularity {value['method']!r}/{value['granularity']!r}")
     block = value["block"]
@@ -134,7 +138,7 @@ def _parse_entry(name: str, value: Any, path: str | Path) -> QuantizedEntry:
     if value["dtype"] not in FLOAT_DTYPES:
         raise bad(f"original dtype {value['dtype']!r} is not a float dtype qz quantizes")
     try:
-        scheme = Scheme(value["method"], value["granularity"], block)
+        scheme = Scheme(value["method"], value["granularity"], block, value.get("clip", "none"))
     except SchemeError as error:
         raise bad(str(error)) from None
     return QuantizedEntry(name=name, scheme=scheme, original_dtype=value["dtype"])

@@ -152,6 +152,10 @@ def qz() -> None:
                    "[default: 128].")
 @click.option("--per-channel", is_flag=True, help="One scale per output channel (row).")
 @click.option("--per-tensor", is_flag=True, help="One scale for the whole tensor.")
+@click.option("--clip", type=click.Choice(["auto", "none", "mse"]), default="auto",
+              show_default=True,
+              help="mse: shrink each group's range where that lowers its squared error. "
+                   "auto: mse per tensor (where it gains about 5 dB), none otherwise.")
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Quantize exactly the float tensors whose names match (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB",
@@ -173,6 +177,7 @@ def quantize(
     block_size: int | None,
     per_channel: bool,
     per_tensor: bool,
+    clip: str,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     dry_run: bool,
@@ -197,12 +202,12 @@ def quantize(
                                         ("--per-tensor", per_tensor)) if given]
     if len(chosen) > 1:
         raise click.UsageError(f"choose one granularity, not {' and '.join(chosen)}")
-    if per_channel:
-        scheme = Scheme(method, "channel", None)  # type: ignore[arg-type]
-    elif per_tensor:
-        scheme = Scheme(method, "tensor", None)  # type: ignore[arg-type]
-    else:
-        scheme = Scheme(method, "block", block_size or 128)  # type: ignore[arg-type]
+    granularity = "channel" if per_channel else "tensor" if per_tensor else "block"
+    if clip == "auto":
+        clip = "mse" if granularity == "tensor" else "none"
+    if granularity == "block":
+        block_size = block_size or 128
+    scheme = Scheme(method, granularity, block_size, clip)  # type: ignore[arg-type]
     with _progress_for(quiet or dry_run) as progress:
         report = quantize_checkpoint(
             input_path, output, scheme, include=include, exclude=exclude, force=force,

@@ -74,7 +74,7 @@ def scheme_json(scheme: Scheme | None) -> dict[str, Any] | None:
     if scheme is None:
         return None
     return {"method": scheme.method, "granularity": scheme.granularity,
-            "block": scheme.block_size}
+            "block": scheme.block_size, "clip": scheme.clip}
 
 
 def stats_json(stats: ErrorStats | None) -> dict[str, Any] | None:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .params import absmax_scale, affine_qparams
+from .clip import search_factors
+from .params import absmax_scale, affine_qparams, qparams_from_range
 from .scheme import Scheme
 from .stats import ErrorStats
 from .threads import scratch
@@ -142,21 +143,23 @@ def quantize_view(
     np.divide(groups, divisor, out=scaled)
     if zero_point is not None:
         np.add(scaled, zero_point[..., None].astype(np.float32), out=scaled)
-    if scheme.symmetric or not with_stats:
-        if not scheme.symmetric:
-            # Clipping before rounding equals clipping after: the bounds are integers.
-            np.clip(scaled, -128, 127, out=scaled)
-        # absmax needs no clip: |x| ≤ max|x| and s ≥ max|x|/127 keep |x / s| ≤ 127.0000x,
-        # which rounds into [-127, 127]. Rounding straight into the int8 codes saves a pass.
+    # Plain absmax needs no clip: |x| ≤ max|x| and s ≥ max|x|/127 keep |x / s| ≤
+    # 127.0000x, which rounds into [-127, 127]. Affine, and any clipped scale, need one.
+    needs_clip = not scheme.symmetric or scheme.clip != "none"
+    lowest, highest = scheme.code_range
+    if not needs_clip or not with_stats:
+        if needs_clip:  # clipping before rounding equals clipping after: integer bounds
+            np.clip(scaled, lowest, highest, out=scaled)
+        # Rounding straight into the int8 codes saves a pass.
         np.rint(scaled, out=codes, casting="unsafe")
         if not with_stats:
             return None
         rounded: np.ndarray = codes
     else:
-        # affine with statistics keeps the unclipped y: its error is measured against it.
+        # With statistics, the unclipped y stays: the error is measured against it.
         rounded = scratch(2, groups.shape)
         np.rint(scaled, out=rounded)
-        np.clip(rounded, -128, 127, out=rounded)
+        np.clip(rounded, lowest, highest, out=rounded)
         np.copyto(codes, rounded, casting="unsafe")
     error = scaled  # x - x̂ = s · (x / s + z - q)
     np.subtract(scaled, rounded, out=error)
@@ -200,10 +203,19 @@ def dequantize_view(
 
 
 def tile_qparams(
-    groups: np.ndarray, scheme: Scheme
+    groups: np.ndarray, scheme: Scheme, values: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Scale and zero point of every group of a view (shape ``groups.shape[:-1]``), read
-    from the view's own dtype (float32, bfloat16 or float16)."""
+    from the view's own dtype (float32, bfloat16 or float16). With ``--clip mse`` the
+    ranges are shrunk per group (clip.py), which needs the float32 ``values`` view."""
+    if scheme.clip == "none":
+        if scheme.symmetric:
+            return absmax_scale(group_magnitude(groups)), None
+        return affine_qparams(*group_range(groups))
     if scheme.symmetric:
-        return absmax_scale(group_magnitude(groups)), None
-    return affine_qparams(*group_range(groups))
+        magnitude = group_magnitude(groups)
+        low, high = -magnitude, magnitude
+    else:
+        low, high = group_range(groups)
+    factor = search_factors(groups if values is None else values, low, high, scheme.method)
+    return qparams_from_range(low * factor, high * factor, scheme.method)

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import DtypeRangeError, NonFiniteValuesError, SchemeError
-from . import kernels
+from . import clip, kernels
 from .params import qparams_from_range
 from .scheme import Scheme
 from .stats import ErrorStats
@@ -130,6 +130,43 @@ def value_range(rows: np.ndarray) -> tuple[float, float]:
     return min(low for low, _ in ranges), max(high for _, high in ranges)
 
 
+def tensor_errors(
+    rows: np.ndarray, value_range_: tuple[float, float], method: str, factors: list[float]
+) -> np.ndarray:
+    """Σ(x - x̂)² over ``rows`` (float64, one per factor) with the whole-tensor range
+    shrunk by each factor: the per-tensor form of the ``--clip mse`` search, summed over
+    row chunks by the caller. Each tile is read once for all factors, on the thread pool.
+    """
+    low, high = (np.full((1, 1), bound, dtype=np.float32) for bound in value_range_)
+
+    def work(tile: slice) -> np.ndarray:
+        values = _float32_tile(rows[tile])[:, None, :]
+        return np.array([
+            clip.group_errors(values, np.broadcast_to(low, values.shape[:2]),
+                              np.broadcast_to(high, values.shape[:2]),
+                              np.full(values.shape[:2], factor, dtype=np.float32),
+                              method).sum()
+            for factor in factors
+        ])
+
+    if rows.size == 0:
+        return np.zeros(len(factors))
+    return np.sum(map_tiles(work, rows.shape[0], tile_rows(rows.shape[1])), axis=0)
+
+
+def clipped_range(
+    rows: np.ndarray, full_range: tuple[float, float], scheme: Scheme
+) -> tuple[float, float]:
+    """The whole-tensor range to quantize with: the full range, or with ``--clip mse``
+    the shrunk range of smallest squared error (the two stages of clip.py over ``rows``;
+    the pipeline runs the same stages over row chunks with :func:`tensor_errors`)."""
+    if scheme.clip == "none":
+        return full_range
+    factor = clip.search_tensor_factor(
+        lambda factors: tensor_errors(rows, full_range, scheme.method, factors))
+    return full_range[0] * factor, full_range[1] * factor
+
+
 def quantize_rows(
     rows: np.ndarray,
     scheme: Scheme,
@@ -159,7 +196,9 @@ def quantize_rows(
     codes = np.empty(rows.shape, dtype=np.int8)
     per_tensor = scheme.granularity == "tensor"
     if per_tensor:
-        low, high = tensor_range if tensor_range is not None else value_range(rows)
+        if tensor_range is None:
+            tensor_range = clipped_range(rows, value_range(rows), scheme)
+        low, high = tensor_range
         tensor_scale, tensor_zero = qparams_from_range(low, high, scheme.method)
         scale = tensor_scale.reshape(1, 1)
         zero_point = None if tensor_zero is None else tensor_zero.reshape(1, 1)
@@ -186,7 +225,7 @@ def quantize_rows(
                 view_zero = None if zero_point is None else np.broadcast_to(
                     zero_point, view.shape[:2])
             else:
-                view_scale, view_zero = kernels.tile_qparams(range_view, scheme)
+                view_scale, view_zero = kernels.tile_qparams(range_view, scheme, view)
                 scale[tile, owned] = view_scale
                 if zero_point is not None:
                     zero_point[tile, owned] = view_zero

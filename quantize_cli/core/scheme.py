@@ -10,9 +10,11 @@ from ..errors import SchemeError
 
 Method = Literal["absmax", "affine"]
 Granularity = Literal["tensor", "channel", "block"]
+Clip = Literal["none", "mse"]
 
 METHODS: tuple[Method, ...] = ("absmax", "affine")
 GRANULARITIES: tuple[Granularity, ...] = ("tensor", "channel", "block")
+CLIPS: tuple[Clip, ...] = ("none", "mse")
 
 #: The INT8 code range of each method. absmax leaves -128 unused so that the range is
 #: symmetric and -x always quantizes to -q (as ggml's Q8_0 and optimum-quanto do).
@@ -21,10 +23,11 @@ CODE_RANGE: dict[str, tuple[int, int]] = {"absmax": (-127, 127), "affine": (-128
 
 @dataclass(frozen=True)
 class Scheme:
-    """A quantization scheme: method plus granularity (and block size for ``block``).
+    """A quantization scheme: method, granularity (and block size for ``block``), and
+    whether each group's range is shrunk where that lowers its squared error (``clip``).
 
     >>> Scheme()
-    Scheme(method='absmax', granularity='block', block_size=128)
+    Scheme(method='absmax', granularity='block', block_size=128, clip='none')
     >>> Scheme("affine", "channel").scale_shape((4, 3, 2))
     (4, 1, 1)
     >>> Scheme("absmax", "block", 128).scale_shape((2, 300))
@@ -34,8 +37,11 @@ class Scheme:
     method: Method = "absmax"
     granularity: Granularity = "block"
     block_size: int | None = 128
+    clip: Clip = "none"
 
     def __post_init__(self) -> None:
+        if self.clip not in CLIPS:
+            raise SchemeError(f"unknown clip {self.clip!r} (choose from {', '.join(CLIPS)})")
         if self.method not in METHODS:
             raise SchemeError(
                 f"unknown method {self.method!r} (choose from {', '.join(METHODS)})"
@@ -62,10 +68,10 @@ class Scheme:
         return CODE_RANGE[self.method]
 
     def describe(self) -> str:
-        """A short human label, e.g. ``'affine block 128'`` or ``'absmax channel'``."""
-        if self.granularity == "block":
-            return f"{self.method} block {self.block_size}"
-        return f"{self.method} {self.granularity}"
+        """A short human label, e.g. ``'affine block 128'`` or ``'absmax tensor, mse clip'``."""
+        label = (f"{self.method} block {self.block_size}" if self.granularity == "block"
+                 else f"{self.method} {self.granularity}")
+        return label + (", mse clip" if self.clip == "mse" else "")
 
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the scale (and zero point) for a tensor of ``shape`` (DESIGN §2)."""

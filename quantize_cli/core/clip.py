@@ -1,0 +1,105 @@
+"""Error-optimal clipping (``--clip mse``): shrink each group's range when that lowers the
+group's squared error.
+
+Rounding to nearest with the full min/max range wastes most of the 256 codes on a few
+outliers when a group's values are heavy-tailed. Shrinking the range by a factor f (the
+absmax scale, or both ends of the affine range, toward 0) clips those outliers but
+rounds everything else more finely. This is the idea of llama.cpp's ``make_qx_quants``
+(which searches perturbed inverse scales) and of the MSE observer of compressed-tensors
+(which grid-searches shrink factors of min/max). Here the search is vectorised over all
+groups of a tile at once, in two stages:
+
+* a coarse geometric grid, f ∈ {1, 0.8, 0.64, …, 0.33}, then
+* for each group, the two points halfway (geometrically) to its neighbours on the grid,
+
+eight evaluations in all. The unshrunk range (f = 1) is always a candidate and a shrunk
+one must be strictly better, so a group's error never gets worse. Errors are measured
+exactly as the stored result will have them: codes from the kernel's float32 arithmetic,
+values dequantized in float32, squares summed in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .params import qparams_from_range
+from .scheme import CODE_RANGE
+
+#: Shrink factors of the first stage (ratio 0.8 down to about a third of the range).
+COARSE_FACTORS = (1.0, 0.8, 0.64, 0.512, 0.4096, 0.32768)
+#: Multipliers of each group's best coarse factor tried in the second stage (√0.8^∓1).
+REFINEMENTS = (0.8**0.5, 0.8**-0.5)
+
+
+def group_errors(
+    groups: np.ndarray, low: np.ndarray, high: np.ndarray, factor: np.ndarray, method: str
+) -> np.ndarray:
+    """Σ(x - x̂)² per group (float64, shape ``groups.shape[:-1]``) when each group's range
+    [low, high] is shrunk by its ``factor``; ``groups`` is a float32 (r, g, n) view."""
+    scale, zero_point = qparams_from_range(low * factor, high * factor, method)
+    divisor = np.where(scale == 0, np.float32(1), scale)[..., None]
+    lowest, highest = CODE_RANGE[method]
+    codes = groups / divisor
+    if zero_point is not None:
+        codes += zero_point[..., None].astype(np.float32)
+    np.rint(codes, out=codes)
+    np.clip(codes, lowest, highest, out=codes)
+    if zero_point is not None:
+        codes -= zero_point[..., None].astype(np.float32)
+    error = groups - codes * scale[..., None]
+    return np.add.reduce(error * error, axis=-1, dtype=np.float64)
+
+
+def search_factors(
+    groups: np.ndarray, low: np.ndarray, high: np.ndarray, method: str
+) -> np.ndarray:
+    """The shrink factor (float32, one per group) with the smallest squared error.
+
+    >>> x = np.array([[[0.1, -0.2, 0.05, 0.15, -0.1, 0.12, -0.08, 3.0]]], np.float32)
+    >>> factor = search_factors(x, -np.abs(x).max(-1), np.abs(x).max(-1), "absmax")
+    >>> float(factor[0, 0]) < 1.0
+    True
+    """
+    best = np.ones(low.shape, dtype=np.float32)
+    best_error = group_errors(groups, low, high, best, method)
+    for factor in COARSE_FACTORS[1:]:
+        best, best_error = _keep_better(groups, low, high, method, best, best_error,
+                                        np.full(low.shape, factor, dtype=np.float32))
+    coarse = best.copy()
+    for multiplier in REFINEMENTS:
+        candidate = np.minimum(coarse * np.float32(multiplier), np.float32(1))
+        best, best_error = _keep_better(groups, low, high, method, best, best_error, candidate)
+    return best
+
+
+def refined_factors(best: float) -> list[float]:
+    """The second-stage candidates around a best coarse factor (never above 1)."""
+    return [min(1.0, best * multiplier) for multiplier in REFINEMENTS]
+
+
+def _keep_better(
+    groups: np.ndarray, low: np.ndarray, high: np.ndarray, method: str,
+    best: np.ndarray, best_error: np.ndarray, candidate: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    error = group_errors(groups, low, high, candidate, method)
+    better = error < best_error  # strictly: ties keep the wider range
+    return np.where(better, candidate, best), np.where(better, error, best_error)
+
+
+def search_tensor_factor(errors_of: Callable[[list[float]], Sequence[float]]) -> float:
+    """The two-stage search for one whole-tensor factor; ``errors_of(factors)`` measures
+    the tensor's squared error for each factor (one pass over its data)."""
+    factors = list(COARSE_FACTORS)
+    best, best_error = pick_factor(factors, list(errors_of(factors)))
+    refined = refined_factors(best)
+    best, _ = pick_factor([best, *refined], [best_error, *errors_of(refined)])
+    return best
+
+
+def pick_factor(factors: list[float], errors: list[float]) -> tuple[float, float]:
+    """(factor, error) with the smallest error; on ties, the largest factor."""
+    order = sorted(zip(errors, [-f for f in factors]))
+    error, negative = order[0]
+    return -negative, error
