@@ -45,7 +45,7 @@ def test_inspect_json(runner: CliRunner, quantized: Path) -> None:
     tensors = {t["name"]: t for t in report["tensors"]}
     assert tensors["a.weight"]["role"] == "quantized"
     assert tensors["a.weight"]["scheme"] == {"method": "affine", "granularity": "block",
-                                             "block": 64}
+                                             "block": 64, "clip": "none"}
     assert tensors["a.weight"]["original_dtype"] == "BF16"
     assert tensors["a.weight_zero_point"] == {
         "name": "a.weight_zero_point", "dtype": "I8", "shape": [8, 3], "bytes": 24,
