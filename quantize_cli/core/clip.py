@@ -9,8 +9,10 @@ rounds everything else more finely. This is the idea of llama.cpp's ``make_qx_qu
 (which grid-searches shrink factors of min/max). Here the search is vectorised over all
 groups of a tile at once, in two stages:
 
-* a coarse geometric grid, f ∈ {1, 0.8, 0.64, …, 0.33}, then
-* for each group, the two points halfway (geometrically) to its neighbours on the grid,
+* a coarse grid, f ∈ {1, 0.9, 0.75, 0.6, 0.45, 0.3} (finer near 1, where per-channel and
+  block optima lie; per-tensor optima of heavy-tailed weights lie near 0.4), then
+* for each group, the two points halfway to its best point's neighbours on the grid
+  (at an end of the grid: halfway and a quarter of the way to its one neighbour),
 
 eight evaluations in all. The unshrunk range (f = 1) is always a candidate and a shrunk
 one must be strictly better, so a group's error never gets worse. Errors are measured
@@ -27,10 +29,8 @@ import numpy as np
 from .params import qparams_from_range
 from .scheme import CODE_RANGE
 
-#: Shrink factors of the first stage (ratio 0.8 down to about a third of the range).
-COARSE_FACTORS = (1.0, 0.8, 0.64, 0.512, 0.4096, 0.32768)
-#: Multipliers of each group's best coarse factor tried in the second stage (√0.8^∓1).
-REFINEMENTS = (0.8**0.5, 0.8**-0.5)
+#: Shrink factors of the first stage, largest first.
+COARSE_FACTORS = (1.0, 0.9, 0.75, 0.6, 0.45, 0.3)
 
 
 def group_errors(
@@ -67,16 +67,9 @@ def search_factors(
     for factor in COARSE_FACTORS[1:]:
         best, best_error = _keep_better(groups, low, high, method, best, best_error,
                                         np.full(low.shape, factor, dtype=np.float32))
-    coarse = best.copy()
-    for multiplier in REFINEMENTS:
-        candidate = np.minimum(coarse * np.float32(multiplier), np.float32(1))
+    for candidate in _refinements(best):
         best, best_error = _keep_better(groups, low, high, method, best, best_error, candidate)
     return best
-
-
-def refined_factors(best: float) -> list[float]:
-    """The second-stage candidates around a best coarse factor (never above 1)."""
-    return [min(1.0, best * multiplier) for multiplier in REFINEMENTS]
 
 
 def _keep_better(
@@ -86,6 +79,23 @@ def _keep_better(
     error = group_errors(groups, low, high, candidate, method)
     better = error < best_error  # strictly: ties keep the wider range
     return np.where(better, candidate, best), np.where(better, error, best_error)
+
+
+def _refinements(best: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per group, the two second-stage factors around its best coarse factor."""
+    grid = np.array(COARSE_FACTORS, dtype=np.float32)
+    index = np.abs(grid[:, None] - best.reshape(1, -1)).argmin(axis=0).reshape(best.shape)
+    larger = grid[np.maximum(index - 1, 0)]
+    smaller = grid[np.minimum(index + 1, grid.size - 1)]
+    at_top, at_bottom = index == 0, index == grid.size - 1
+    toward_larger = np.where(at_top, (3 * best + smaller) / 4, (best + larger) / 2)
+    toward_smaller = np.where(at_bottom, (3 * best + larger) / 4, (best + smaller) / 2)
+    return toward_larger.astype(np.float32), toward_smaller.astype(np.float32)
+
+
+def refined_factors(best: float) -> list[float]:
+    """The second-stage candidates around a best coarse factor (one whole tensor)."""
+    return [float(f[0]) for f in _refinements(np.array([best], dtype=np.float32))]
 
 
 def search_tensor_factor(errors_of: Callable[[list[float]], Sequence[float]]) -> float:
