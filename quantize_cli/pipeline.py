@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 from contextlib import closing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -97,6 +97,11 @@ class TensorReport:
     stats: ErrorStats | None = None  # None for copied tensors and in a dry run
     shard: str | None = None
 
+    @property
+    def bits_per_weight(self) -> float:
+        elements = math.prod(self.shape)
+        return 8 * self.output_bytes / elements if elements else 0.0
+
 
 @dataclass(frozen=True)
 class QuantizeReport:
@@ -121,6 +126,12 @@ class QuantizeReport:
     @property
     def compression_ratio(self) -> float:
         return self.input_bytes / self.output_bytes if self.output_bytes else math.inf
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Output bits per element over the whole checkpoint (scales included)."""
+        elements = sum(math.prod(t.shape) for t in self.tensors)
+        return 8 * self.output_bytes / elements if elements else 0.0
 
     @property
     def pooled_stats(self) -> ErrorStats:
@@ -260,13 +271,17 @@ def quantize_checkpoint(
     force: bool = False,
     dry_run: bool = False,
     error_stats: bool = True,
+    target_sqnr: float | None = None,
     progress: Progress | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> QuantizeReport:
     """Quantize a checkpoint (file, index or folder) and write the INT8 result.
 
     ``error_stats=False`` skips measuring the error (the report then has no statistics);
-    the written bytes are the same.
+    the written bytes are the same. ``target_sqnr`` gives each tensor the cheapest scheme
+    of :data:`SQNR_LADDER` (with ``scheme``'s method) whose SQNR reaches it, or leaves the
+    tensor in its dtype; this measures the candidates first, so it reads the data even in
+    a dry run.
 
     >>> report = quantize_checkpoint("model.safetensors", scheme=Scheme("affine"))  # doctest: +SKIP
     >>> report.output, report.pooled_stats.sqnr_db                                 # doctest: +SKIP
@@ -291,7 +306,21 @@ def quantize_checkpoint(
         shard.path.name: plan_quantization(shard.header, scheme, shard.path, include, exclude)
         for shard in checkpoint.shards
     }
+    if target_sqnr is not None:
+        for shard in checkpoint.shards:
+            with SafetensorsReader(shard.path) as reader:
+                plans[shard.path.name] = [
+                    _choose_for_target(reader, plan, scheme.method, target_sqnr, chunk_bytes)
+                    if plan.quantized else plan
+                    for plan in plans[shard.path.name]
+                ]
     all_plans = [plan for shard_plans in plans.values() for plan in shard_plans]
+    if target_sqnr is not None and all_plans and not any(p.quantized for p in all_plans):
+        raise InputError(
+            located(checkpoint.source, None, f"no tensor reaches the target SQNR of "
+                    f"{target_sqnr:g} dB"),
+            hint="lower --target-sqnr; the reasons in --dry-run show what each tensor reaches",
+        )
     if not any(plan.quantized for plan in all_plans):
         what = "has no tensors" if not all_plans else "has no tensor to quantize"
         raise InputError(
@@ -383,19 +412,73 @@ def _passes(scheme: Scheme) -> int:
     return 4 if scheme.clip == "mse" else 2
 
 
-def _search_tensor_range(
-    reads: Iterator[np.ndarray], chunk_count: int, full_range: tuple[float, float],
-    scheme: Scheme,
+def _whole_tensor_range(
+    one_pass: Callable[[], Iterator[np.ndarray]], scheme: Scheme
 ) -> tuple[float, float]:
-    """The two stages of the --clip mse search over a whole tensor, one pass each."""
+    """The range a per-tensor scale is made from: one pass for min and max, and with
+    --clip mse one more for each stage of the search. ``one_pass()`` yields the tensor's
+    row chunks once."""
+    low, high = math.inf, -math.inf
+    for chunk in one_pass():
+        chunk_low, chunk_high = value_range(chunk)
+        low, high = min(low, chunk_low), max(high, chunk_high)
+    if scheme.clip == "none":
+        return low, high
+
     def errors(factors: list[float]) -> list[float]:
         total = np.zeros(len(factors))
-        for _ in range(chunk_count):
-            total += tensor_errors(next(reads), full_range, scheme.method, factors)
+        for chunk in one_pass():
+            total += tensor_errors(chunk, (low, high), scheme.method, factors)
         return list(total)
 
     factor = clip.search_tensor_factor(errors)
-    return full_range[0] * factor, full_range[1] * factor
+    return low * factor, high * factor
+
+
+#: The schemes --target-sqnr tries, from the smallest output to the largest.
+SQNR_LADDER: tuple[tuple[str, int | None], ...] = (
+    ("tensor", None), ("channel", None), ("block", 128), ("block", 64), ("block", 32))
+
+
+def _choose_for_target(
+    reader: SafetensorsReader, plan: TensorPlan, method: str, target_db: float,
+    chunk_bytes: int,
+) -> TensorPlan:
+    """The cheapest scheme of the ladder whose SQNR reaches ``target_db``, or a copy."""
+    tried = []
+    for granularity, block in SQNR_LADDER:
+        scheme = Scheme(method, granularity, block,  # type: ignore[arg-type]
+                        "mse" if granularity == "tensor" else "none")
+        sqnr = _measure(reader, plan.entry, scheme, chunk_bytes).sqnr_db
+        reached = sqnr >= target_db
+        label = granularity if block is None else f"block {block}"
+        measured = "exact" if math.isinf(sqnr) else f"{sqnr:.1f} dB"
+        tried.append(f"{label} {measured} {'≥' if reached else '<'} {target_db:g}")
+        if reached:
+            return TensorPlan(plan.entry, scheme, "; ".join(tried))
+    return TensorPlan(plan.entry, None, "no scheme reaches the target: " + "; ".join(tried))
+
+
+def _measure(
+    reader: SafetensorsReader, entry: TensorEntry, scheme: Scheme, chunk_bytes: int
+) -> ErrorStats:
+    """The error statistics ``scheme`` would give ``entry``, streaming, writing nothing."""
+    row_shape = scheme.row_view_shape(entry.shape)
+
+    def one_pass() -> Iterator[np.ndarray]:
+        return (chunk for _, chunk in reader.iter_rows(entry, row_shape, chunk_bytes))
+
+    try:
+        tensor_range = (_whole_tensor_range(one_pass, scheme)
+                        if scheme.granularity == "tensor" else None)
+        stats = ErrorStats()
+        for chunk in one_pass():
+            result = quantize_rows(chunk, scheme, tensor_range=tensor_range, with_stats=True)
+            assert result.stats is not None
+            stats = stats.merge(result.stats)
+    except NonFiniteValuesError:
+        raise _locate_non_finite(reader, entry, row_shape, chunk_bytes) from None
+    return stats
 
 
 def _shard_reads(
@@ -427,13 +510,7 @@ def _quantize_tensor(
     tensor_range = None
     try:
         if scheme.granularity == "tensor":
-            low, high = math.inf, -math.inf
-            for _ in chunks:
-                chunk_low, chunk_high = value_range(next(reads))
-                low, high = min(low, chunk_low), max(high, chunk_high)
-            tensor_range = (low, high)
-            if scheme.clip == "mse":
-                tensor_range = _search_tensor_range(reads, len(chunks), tensor_range, scheme)
+            tensor_range = _whole_tensor_range(lambda: (next(reads) for _ in chunks), scheme)
             scale, zero_point = qparams_from_range(*tensor_range, scheme.method)
             writer.write(scale_name(entry.name), scale.reshape(1))
             if zero_point is not None:

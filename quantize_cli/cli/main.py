@@ -156,6 +156,10 @@ def qz() -> None:
               show_default=True,
               help="mse: shrink each group's range where that lowers its squared error. "
                    "auto: mse per tensor (where it gains about 5 dB), none otherwise.")
+@click.option("--target-sqnr", type=float, metavar="DB",
+              help="Give each tensor the cheapest scheme (per tensor, per channel, block "
+                   "128, 64, 32) whose SQNR reaches DB; tensors that cannot stay as they "
+                   "are. Measures every candidate, so it reads the data more than once.")
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Quantize exactly the float tensors whose names match (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB",
@@ -178,6 +182,7 @@ def quantize(
     per_channel: bool,
     per_tensor: bool,
     clip: str,
+    target_sqnr: float | None,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     dry_run: bool,
@@ -196,12 +201,15 @@ def quantize(
       qz quantize model.safetensors --method affine --block 128
       qz quantize llama-3-8b/ --per-channel -o llama-3-8b-int8/
       qz quantize model.safetensors --exclude 'lm_head.*' --dry-run
+      qz quantize model.safetensors --target-sqnr 40
     """
     chosen = [name for name, given in (("--block", block_size is not None),
                                         ("--per-channel", per_channel),
                                         ("--per-tensor", per_tensor)) if given]
     if len(chosen) > 1:
         raise click.UsageError(f"choose one granularity, not {' and '.join(chosen)}")
+    if chosen and target_sqnr is not None:
+        raise click.UsageError(f"--target-sqnr chooses the granularity itself; drop {chosen[0]}")
     granularity = "channel" if per_channel else "tensor" if per_tensor else "block"
     if clip == "auto":
         clip = "mse" if granularity == "tensor" else "none"
@@ -211,7 +219,8 @@ def quantize(
     with _progress_for(quiet or dry_run) as progress:
         report = quantize_checkpoint(
             input_path, output, scheme, include=include, exclude=exclude, force=force,
-            dry_run=dry_run, error_stats=not no_stats, progress=progress,
+            dry_run=dry_run, error_stats=not no_stats, target_sqnr=target_sqnr,
+            progress=progress,
         )
     document = render.quantize_json(report)
     if json_target == "-":

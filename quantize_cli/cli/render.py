@@ -104,6 +104,7 @@ def quantize_table(report: QuantizeReport) -> Table:
         table.add_column("Reason")
         table.add_column("Size before", justify="right")
         table.add_column("Size after", justify="right")
+        table.add_column("Bits/weight", justify="right")
     else:
         for heading in ("MSE", "Max abs err", "SQNR dB", "Cosine"):
             table.add_column(heading, justify="right")
@@ -113,7 +114,7 @@ def quantize_table(report: QuantizeReport) -> Table:
         if report.dry_run:
             table.add_row(_name(tensor.name), _shape(tensor.shape), dtype, label,
                           _name(tensor.reason), decimal(tensor.input_bytes),
-                          decimal(tensor.output_bytes))
+                          decimal(tensor.output_bytes), f"{tensor.bits_per_weight:.2f}")
         elif tensor.scheme is None:
             table.add_row(_name(tensor.name), _shape(tensor.shape), dtype,
                           Text(f"copied: {display_text(tensor.reason)}", style="dim"),
@@ -135,7 +136,8 @@ def quantize_summary(report: QuantizeReport) -> Group:
     lines = [
         Text(f"Tensors: {quantized} quantized, {total - quantized} copied unchanged"),
         Text(f"Size: {decimal(report.input_bytes)} → {decimal(report.output_bytes)} "
-             f"({report.compression_ratio:.2f}× smaller)"),
+             f"({report.compression_ratio:.2f}× smaller, "
+             f"{report.bits_per_weight:.2f} bits per weight)"),
     ]
     measured = any(t.stats is not None for t in report.quantized)
     if not report.dry_run and measured:
@@ -165,6 +167,7 @@ def _tensor_json(tensor: TensorReport) -> dict[str, Any]:
         "scheme": scheme_json(tensor.scheme),
         "input_bytes": tensor.input_bytes,
         "output_bytes": tensor.output_bytes,
+        "bits_per_weight": tensor.bits_per_weight,
         "shard": tensor.shard,
         "stats": stats_json(tensor.stats),
     }
@@ -187,6 +190,7 @@ def quantize_json(report: QuantizeReport) -> dict[str, Any]:
             "input_bytes": report.input_bytes,
             "output_bytes": report.output_bytes,
             "compression_ratio": _json_number(report.compression_ratio),
+            "bits_per_weight": report.bits_per_weight,
             "pooled": stats_json(pooled),
             "worst": [t.name for t in report.worst()] if not report.dry_run else [],
         },
