@@ -27,6 +27,7 @@ from rich.progress import (
 )
 
 from .. import __version__
+from ..core.explain import explain as explain_steps
 from ..core.scheme import Scheme
 from ..errors import QzError
 from ..pipeline import dequantize_checkpoint, inspect_checkpoint, quantize_checkpoint
@@ -136,6 +137,7 @@ def qz() -> None:
       qz quantize model.safetensors --method affine --block 128
       qz inspect model.int8.safetensors
       qz dequantize model.int8.safetensors
+      qz explain 1.6 -0.7 -3.4 1.7 -2.9 0.5 2.3 6.2
     """
 
 
@@ -277,6 +279,35 @@ def dequantize(input_path: Path, output: Path | None, dtype: str, force: bool,
                                        progress=progress)
     if not quiet:
         _stdout_console().print(render.dequantize_summary(report))
+
+
+@qz.command(context_settings={"ignore_unknown_options": True})
+@click.argument("values", nargs=-1, required=True, metavar="VALUES...")
+@click.option("--method", type=click.Choice(["absmax", "affine"]), default="absmax",
+              show_default=True, help="absmax: symmetric. affine: with a zero point.")
+@click.option("--block", "block_size", type=click.IntRange(min=1), default=None,
+              help="Groups of N values, each with its own scale [default: one group].")
+@reports_errors
+def explain(values: tuple[str, ...], method: str, block_size: int | None) -> None:
+    """Show, step by step, how VALUES are quantized to INT8 and back.
+
+    VALUES are numbers, separated by spaces or commas (negative ones too).
+
+    \b
+    Examples:
+      qz explain 1.6 -0.7 -3.4 1.7 -2.9 0.5 2.3 6.2
+      qz explain 1.6,-0.7,-3.4,1.7,-2.9,0.5,2.3,6.2 --method affine
+      qz explain 0.1 0.2 0.3 9.0 0.1 0.2 0.3 0.4 --block 4
+    """
+    numbers = []
+    for text in (part for value in values for part in value.split(",") if part):
+        try:
+            numbers.append(float(text))
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not a number", param_hint="VALUES") from None
+    scheme = (Scheme(method, "block", block_size) if block_size  # type: ignore[arg-type]
+              else Scheme(method, "tensor", None))  # type: ignore[arg-type]
+    _stdout_console().print(render.explain_view(explain_steps(numbers, scheme)))
 
 
 def _terminate(signum: int, frame: Any) -> None:

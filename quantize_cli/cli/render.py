@@ -15,11 +15,13 @@ import os
 import unicodedata
 from typing import Any
 
+import numpy as np
 from rich.console import Console, Group
 from rich.filesize import decimal
 from rich.table import Table
 from rich.text import Text
 
+from ..core.explain import Explanation
 from ..core.scheme import Scheme
 from ..core.stats import ErrorStats
 from ..pipeline import DequantizeReport, InspectReport, QuantizeReport, TensorReport
@@ -285,3 +287,60 @@ def make_console(file: Any, terminal: bool) -> Console:
     in logs (COLUMNS still wins when set)."""
     width = None if terminal or "COLUMNS" in os.environ else 160
     return Console(file=file, width=width, soft_wrap=False, highlight=False)
+
+
+# ---------------------------------------------------------------------------- explain
+
+
+def _number(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _signed(value: float) -> str:
+    return "0" if value == 0 else f"{value:+.3g}"
+
+
+def explain_view(explanation: Explanation) -> Group:
+    """Every step of quantizing a short vector: range, scale, zero point, codes, values
+    back and the error of each element."""
+    scheme = explanation.scheme
+    lines: list[Any] = []
+    for group in explanation.groups:
+        count = len(group.values)
+        where = (f"values {group.start}–{group.start + count - 1}"
+                 if len(explanation.groups) > 1 else f"{count} values, one group")
+        lines.append(Text(f"{scheme.method}, {where}", style="bold"))
+        if scheme.symmetric:
+            lines.append(Text(f"  range:  max|x| = {_number(group.high)}"))
+            lines.append(Text(f"  scale:  s = max|x| / 127 = {_number(group.high)} / 127 = "
+                              f"{_number(group.scale)}"
+                              + (f"   (1/s = {_number(1 / group.scale)})" if group.scale else "")))
+            lines.append(Text("  codes:  q = round(x / s), kept in [-127, 127]"))
+        else:
+            lines.append(Text(f"  range:  lo = min(min x, 0) = {_number(group.low)}, "
+                              f"hi = max(max x, 0) = {_number(group.high)}"))
+            lines.append(Text(f"  scale:  s = (hi - lo) / 255 = {_number(group.scale)}"))
+            lines.append(Text(f"  zero point: z = round(-128 - lo / s) = {group.zero_point}"
+                              "   (the code of 0.0)"))
+            lines.append(Text("  codes:  q = round(x / s + z), kept in [-128, 127]"))
+        if group.scale == 0:
+            lines.append(Text("  an all-zero group: s = 0, every code 0, exact"))
+        table = Table(show_edge=False, pad_edge=False)
+        table.add_column("i", justify="right")
+        table.add_column("x", justify="right")
+        table.add_column("x / s" if scheme.symmetric else "x / s + z", justify="right")
+        table.add_column("q", justify="right")
+        table.add_column("x̂ = q·s" if scheme.symmetric else "x̂ = (q - z)·s", justify="right")
+        table.add_column("x - x̂", justify="right")
+        for offset in range(len(group.values)):
+            table.add_row(str(group.start + offset), _number(float(group.values[offset])),
+                          f"{float(group.scaled[offset]):.3f}", str(int(group.codes[offset])),
+                          _number(float(group.dequantized[offset])),
+                          _signed(float(group.errors[offset])))
+        lines.append(table)
+        largest = float(np.abs(group.errors).max()) if len(group.errors) else 0.0
+        lines.append(Text(f"  largest error {largest:.3g} ≤ s/2 = {group.scale / 2:.3g}"))
+    stats = explanation.stats
+    lines.append(Text(f"MSE {stats.mse:.3g}, SQNR {_db(stats.sqnr_db)} dB, "
+                      f"cosine similarity {stats.cosine_similarity:.6f}"))
+    return Group(*lines)
