@@ -46,6 +46,7 @@ from .qzformat import (
     QuantizedEntry,
     is_quantized,
     plain_metadata,
+    check_stored_values,
     quantized_metadata,
     read_quantized_entries,
     scale_name,
@@ -711,7 +712,7 @@ def _dequantize_tensor(
     target = numpy_dtype(out_dtype)
     for _ in _dequantize_row_chunks(codes_entry, scheme, chunk_bytes):
         codes, scale, zero_point = next(reads)  # type: ignore[misc]
-        _check_stored_values(reader.path, quantized, codes, scale, zero_point)
+        check_stored_values(reader.path, quantized, codes, scale, zero_point)
         try:
             values = dequantize_rows(codes, scale, zero_point, scheme, target)
         except DtypeRangeError:
@@ -721,23 +722,6 @@ def _dequantize_tensor(
             ) from None
         writer.write(codes_entry.name, values)
         progress.advance(codes.nbytes, codes_entry.name)
-
-
-def _check_stored_values(
-    path: Path,
-    quantized: QuantizedEntry,
-    codes: np.ndarray,
-    scale: np.ndarray,
-    zero_point: np.ndarray | None,
-) -> None:
-    """Refuse stored numbers qz could never have written, rather than return wrong values."""
-    if not (np.isfinite(scale).all() and (scale >= 0).all()):
-        raise QuantizedFormatError(
-            located(path, scale_name(quantized.name), "holds non-finite or negative scales"))
-    if quantized.scheme.symmetric and codes.size and codes.min() < -127:
-        raise QuantizedFormatError(
-            located(path, quantized.name, "holds the code -128, outside absmax's range "
-                    "[-127, 127]"))
 
 
 # ---------------------------------------------------------------------------- inspect

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__
 from .core.scheme import GRANULARITIES, METHODS, Scheme
 from .errors import QuantizedFormatError, SchemeError, located
@@ -179,3 +181,20 @@ def _check_stored_tensors(header: Header, entry: QuantizedEntry, path: str | Pat
             located(path, name, f"absmax has no zero point, but {zero_point_name(name)!r} "
                     "exists")
         )
+
+
+def check_stored_values(
+    path: Path,
+    quantized: QuantizedEntry,
+    codes: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None,
+) -> None:
+    """Refuse stored numbers qz could never have written, rather than return wrong values."""
+    if not (np.isfinite(scale).all() and (scale >= 0).all()):
+        raise QuantizedFormatError(
+            located(path, scale_name(quantized.name), "holds non-finite or negative scales"))
+    if quantized.scheme.symmetric and codes.size and codes.min() < -127:
+        raise QuantizedFormatError(
+            located(path, quantized.name, "holds the code -128, outside absmax's range "
+                    "[-127, 127]"))

@@ -27,6 +27,7 @@ from rich.progress import (
 )
 
 from .. import __version__
+from ..compare import diff_checkpoints
 from ..core.explain import explain as explain_steps
 from ..core.scheme import Scheme
 from ..errors import QzError
@@ -279,6 +280,30 @@ def dequantize(input_path: Path, output: Path | None, dtype: str, force: bool,
                                        progress=progress)
     if not quiet:
         _stdout_console().print(render.dequantize_summary(report))
+
+
+@qz.command()
+@click.argument("a", metavar="A", type=click.Path(path_type=Path))
+@click.argument("b", metavar="B", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@reports_errors
+def diff(a: Path, b: Path, as_json: bool) -> None:
+    """Compare checkpoint B with checkpoint A, tensor by tensor.
+
+    Either may be a float checkpoint or a qz-quantized one (dequantized on the fly), a
+    file, an index or a folder. Prints the error of B against A for every tensor both
+    hold with the same shape, and lists the names and shapes that differ.
+
+    \b
+    Examples:
+      qz diff model.safetensors model.int8.safetensors
+      qz diff model.int8.safetensors model.affine.int8.safetensors --json
+    """
+    report = diff_checkpoints(a, b)
+    if as_json:
+        click.echo(render.dump_json(render.diff_json(report)))
+    else:
+        _stdout_console().print(render.diff_view(report))
 
 
 @qz.command(context_settings={"ignore_unknown_options": True})

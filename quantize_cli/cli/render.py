@@ -21,6 +21,7 @@ from rich.filesize import decimal
 from rich.table import Table
 from rich.text import Text
 
+from ..compare import DiffReport
 from ..core.explain import Explanation
 from ..core.scheme import Scheme
 from ..core.stats import ErrorStats
@@ -344,3 +345,54 @@ def explain_view(explanation: Explanation) -> Group:
     lines.append(Text(f"MSE {stats.mse:.3g}, SQNR {_db(stats.sqnr_db)} dB, "
                       f"cosine similarity {stats.cosine_similarity:.6f}"))
     return Group(*lines)
+
+
+# ------------------------------------------------------------------------------- diff
+
+
+def diff_view(report: DiffReport) -> Group:
+    table = Table(title=f"{display_text(str(report.b))} against {display_text(str(report.a))}",
+                  title_justify="left")
+    table.add_column("Tensor", overflow="fold")
+    table.add_column("Shape", no_wrap=True)
+    table.add_column("A")
+    table.add_column("B")
+    for heading in ("MSE", "Max abs err", "SQNR dB", "Cosine"):
+        table.add_column(heading, justify="right")
+    for tensor in report.compared:
+        stats = tensor.stats
+        table.add_row(_name(tensor.name), _shape(tensor.shape), tensor.a, tensor.b,
+                      f"{stats.mse:.3g}", f"{stats.max_abs_error:.3g}", _db(stats.sqnr_db),
+                      f"{stats.cosine_similarity:.6f}")
+    lines: list[Any] = [table]
+    pooled = report.pooled_stats
+    lines.append(Text(f"Compared {len(report.compared)} tensors: pooled SQNR "
+                      f"{_db(pooled.sqnr_db)} dB, max abs error {pooled.max_abs_error:.3g}"))
+    for label, names in (("Only in A", report.only_in_a), ("Only in B", report.only_in_b)):
+        if names:
+            lines.append(Text(f"{label}: " + ", ".join(display_text(n) for n in names)))
+    for name, one, other in report.shape_mismatches:
+        lines.append(Text(f"Different shapes: {display_text(name)} {_shape(one)} in A, "
+                          f"{_shape(other)} in B"))
+    for name, one, other in report.not_comparable:
+        lines.append(Text(f"Not compared: {display_text(name)} is {one} in A, {other} in B"))
+    if report.identical_names_and_shapes:
+        lines.append(Text("Same tensor names and shapes on both sides"))
+    return Group(*lines)
+
+
+def diff_json(report: DiffReport) -> dict[str, Any]:
+    return {
+        "schema_version": JSON_SCHEMA_VERSION,
+        "command": "diff",
+        "a": str(report.a),
+        "b": str(report.b),
+        "tensors": [{"name": t.name, "shape": list(t.shape), "a": t.a, "b": t.b,
+                     "stats": stats_json(t.stats)} for t in report.compared],
+        "only_in_a": report.only_in_a,
+        "only_in_b": report.only_in_b,
+        "shape_mismatches": [{"name": n, "a": list(a), "b": list(b)}
+                             for n, a, b in report.shape_mismatches],
+        "not_compared": [{"name": n, "a": a, "b": b} for n, a, b in report.not_comparable],
+        "pooled": stats_json(report.pooled_stats),
+    }
