@@ -195,7 +195,7 @@ def _read_slices(
         reader.read_into(stored, first * groups * part.itemsize, part)
         parameters.append(part)
     zero_point = parameters[1] if len(parameters) > 1 else None
-    check_stored_values(reader.path, tensor.quantized, codes, parameters[0], zero_point)
+    check_stored_values(reader.path, tensor.name, scheme, codes, parameters[0])
     try:
         return dequantize_rows(codes, parameters[0], zero_point, scheme).reshape(-1)
     except DtypeRangeError:

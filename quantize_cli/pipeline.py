@@ -38,11 +38,14 @@ from .errors import (
     NonFiniteValuesError,
     OutputError,
     QuantizedFormatError,
+    SchemeError,
     located,
 )
+from . import __version__, ctformat
 from .plan import TensorPlan, plan_quantization, planned_outputs
 from .qzformat import (
     KEY_FORMAT_VERSION,
+    KEY_VERSION,
     QuantizedEntry,
     is_quantized,
     plain_metadata,
@@ -174,8 +177,9 @@ class InspectedTensor:
     role: str  # "quantized", "scale", "zero_point" or "tensor"
     scheme: Scheme | None = None  # for quantized tensors
     original_dtype: str | None = None
-    of: str | None = None  # for scales and zero points: the quantized tensor
+    of: str | None = None  # scales, zero points: their tensor; packed codes: the weight
     shard: str | None = None
+    layout: str = "qz"  # or compressed-tensors' "pack-quantized" / "int-quantized"
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,7 @@ class InspectReport:
     tensors: list[InspectedTensor]
     format_version: str | None = None
     sharded: bool = False
+    foreign_format: str | None = None  # "compressed-tensors" when recognised
 
     @property
     def total_bytes(self) -> int:
@@ -193,7 +198,8 @@ class InspectReport:
 
     @property
     def parameter_count(self) -> int:
-        return sum(math.prod(t.shape) for t in self.tensors if t.role in ("quantized", "tensor"))
+        return sum(math.prod(t.shape) if t.layout != "pack-quantized" else 4 * math.prod(t.shape)
+                   for t in self.tensors if t.role in ("quantized", "tensor"))
 
 
 T = TypeVar("T", TensorReport, InspectedTensor)
@@ -207,17 +213,21 @@ def _by_name(tensors: list[T]) -> list[T]:
 # ---------------------------------------------------------------------------- outputs
 
 
-def default_output(checkpoint: Checkpoint, suffix: str) -> Path:
+def default_output(checkpoint: Checkpoint, suffix: str, folder: bool = False) -> Path:
     """``model.safetensors`` → ``model.<suffix>.safetensors``; a sharded folder ``llama``
-    → ``llama.<suffix>`` beside it. A ``.int8`` in the name is replaced, not stacked."""
+    → ``llama.<suffix>`` beside it (and ``model.<suffix>`` when ``folder`` is asked for a
+    single file). A ``.int8`` in the name is replaced, not stacked."""
+    if folder and not checkpoint.sharded:
+        path = checkpoint.shards[0].path
+        return path.with_name(path.name.removesuffix(".safetensors") + f".{suffix}")
     if checkpoint.sharded:
         folder = checkpoint.folder
         if folder.name in ("", ".", ".."):
             folder = folder.resolve()
-        stem = folder.name.removesuffix(".int8")
+        stem = folder.name.removesuffix(".ct-int8").removesuffix(".int8")
         return folder.parent / f"{stem}.{suffix}"
     path = checkpoint.shards[0].path
-    stem = path.name.removesuffix(".safetensors").removesuffix(".int8")
+    stem = path.name.removesuffix(".safetensors").removesuffix(".ct-int8").removesuffix(".int8")
     return path.with_name(f"{stem}.{suffix}.safetensors")
 
 
@@ -273,6 +283,7 @@ def quantize_checkpoint(
     dry_run: bool = False,
     error_stats: bool = True,
     target_sqnr: float | None = None,
+    export: str = "qz",
     progress: Progress | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> QuantizeReport:
@@ -282,7 +293,8 @@ def quantize_checkpoint(
     the written bytes are the same. ``target_sqnr`` gives each tensor the cheapest scheme
     of :data:`SQNR_LADDER` (with ``scheme``'s method) whose SQNR reaches it, or leaves the
     tensor in its dtype; this measures the candidates first, so it reads the data even in
-    a dry run.
+    a dry run. ``export="compressed-tensors"`` writes what vLLM loads (ctformat.py): a
+    folder with the pack-quantized tensors and config.json's ``quantization_config``.
 
     >>> report = quantize_checkpoint("model.safetensors", scheme=Scheme("affine"))  # doctest: +SKIP
     >>> report.output, report.pooled_stats.sqnr_db                                 # doctest: +SKIP
@@ -295,6 +307,12 @@ def quantize_checkpoint(
     """
     scheme = scheme or Scheme()
     progress = progress or NoProgress()
+    as_ct = export == ctformat.FORMAT
+    if as_ct:
+        ctformat.check_scheme(scheme)
+        if target_sqnr is not None:
+            raise SchemeError("--target-sqnr cannot be combined with the compressed-tensors "
+                              "format, which has one scheme for all layers")
     checkpoint = open_checkpoint(source)
     for shard in checkpoint.shards:
         if is_quantized(shard.header):
@@ -315,6 +333,9 @@ def quantize_checkpoint(
                     if plan.quantized else plan
                     for plan in plans[shard.path.name]
                 ]
+    if as_ct:
+        plans = {name: [_as_ct_plan(plan) for plan in shard_plans]
+                 for name, shard_plans in plans.items()}
     all_plans = [plan for shard_plans in plans.values() for plan in shard_plans]
     if target_sqnr is not None and all_plans and not any(p.quantized for p in all_plans):
         raise InputError(
@@ -329,7 +350,8 @@ def quantize_checkpoint(
             hint=None if not all_plans else "qz quantizes float tensors with ≥ 2 dimensions "
             "and ≥ 1024 elements; --include selects others",
         )
-    target = Path(output) if output is not None else default_output(checkpoint, "int8")
+    target = Path(output) if output is not None else default_output(
+        checkpoint, "ct-int8" if as_ct else "int8", folder=as_ct)
 
     def report_for(shard: Shard, stats: dict[str, ErrorStats]) -> list[TensorReport]:
         return [
@@ -348,7 +370,23 @@ def quantize_checkpoint(
 
     progress.start(checkpoint.data_bytes)
     tensors = []
-    if not checkpoint.sharded:
+    if as_ct:
+        _check_folder_output(target, checkpoint, force)
+        shard_tensors = {}
+        with StagedFolder(target, force) as staging:
+            for shard in checkpoint.shards:
+                shard_plans = plans[shard.path.name]
+                stats = _quantize_shard(shard, shard_plans, staging.path / shard.path.name,
+                                        progress, chunk_bytes, error_stats)
+                tensors += report_for(shard, stats)
+                shard_tensors[shard.path.name] = planned_outputs(shard_plans)
+            if checkpoint.sharded:
+                _write_index(checkpoint, staging.path, shard_tensors)
+                _copy_companions(checkpoint, staging.path)
+            ctformat.write_config(staging.path, checkpoint.folder / "config.json",
+                                  ctformat.quantization_config(scheme, _ct_ignore(all_plans)))
+            staging.publish()
+    elif not checkpoint.sharded:
         shard = checkpoint.shards[0]
         check_output_path(target, [shard.path], force)
         stats = _quantize_shard(shard, plans[shard.path.name], target, progress, chunk_bytes,
@@ -370,6 +408,23 @@ def quantize_checkpoint(
     return QuantizeReport(checkpoint.source, target, scheme, _by_name(tensors))
 
 
+def _as_ct_plan(plan: TensorPlan) -> TensorPlan:
+    """The plan for the compressed-tensors export: what the runtime cannot load stays."""
+    if plan.scheme is None:
+        return plan
+    reason = ctformat.why_not_loadable(plan.entry, plan.scheme)
+    if reason is not None:
+        return TensorPlan(plan.entry, None, f"kept for vLLM: {reason}")
+    return TensorPlan(plan.entry, plan.scheme, plan.reason, export=ctformat.FORMAT)
+
+
+def _ct_ignore(plans: list[TensorPlan]) -> list[str]:
+    """Linear-like weights left in float, by module name: vLLM must not expect them packed."""
+    return sorted(plan.name.removesuffix(".weight") for plan in plans
+                  if plan.scheme is None and plan.name.endswith(".weight")
+                  and len(plan.entry.shape) == 2)
+
+
 def _quantize_shard(
     shard: Shard,
     plans: list[TensorPlan],
@@ -378,9 +433,12 @@ def _quantize_shard(
     chunk_bytes: int,
     error_stats: bool,
 ) -> dict[str, ErrorStats]:
-    metadata = quantized_metadata(
-        shard.header.metadata, [plan.quantized_entry() for plan in plans if plan.quantized]
-    )
+    if any(plan.export == ctformat.FORMAT for plan in plans):
+        metadata = {**shard.header.metadata, KEY_VERSION: __version__}
+    else:
+        metadata = quantized_metadata(
+            shard.header.metadata, [plan.quantized_entry() for plan in plans if plan.quantized]
+        )
     stats: dict[str, ErrorStats] = {}
     with SafetensorsReader(shard.path) as reader, \
             SafetensorsWriter(target, planned_outputs(plans), metadata) as writer:
@@ -396,8 +454,8 @@ def _quantize_shard(
                         writer.write(plan.name, piece)
                         progress.advance(piece.nbytes, plan.name)
                     continue
-                tensor_stats = _quantize_tensor(reader, reads, plan.entry, plan.scheme,
-                                                writer, progress, chunk_bytes, error_stats)
+                tensor_stats = _quantize_tensor(reader, reads, plan, writer, progress,
+                                                chunk_bytes, error_stats)
                 if tensor_stats is not None:
                     stats[plan.name] = tensor_stats
         reader.check_unchanged()
@@ -499,16 +557,19 @@ def _shard_reads(
 def _quantize_tensor(
     reader: SafetensorsReader,
     reads: Iterator[np.ndarray],
-    entry: TensorEntry,
-    scheme: Scheme,
+    plan: TensorPlan,
     writer: SafetensorsWriter,
     progress: Progress,
     chunk_bytes: int,
     error_stats: bool,
 ) -> ErrorStats | None:
+    entry, scheme = plan.entry, plan.scheme
+    assert scheme is not None
+    as_ct = plan.export == ctformat.FORMAT
     row_shape = scheme.row_view_shape(entry.shape)
     chunks = row_chunks(entry, row_shape, chunk_bytes)
     tensor_range = None
+    stored_scale = numpy_dtype(ctformat.scale_dtype(entry)) if as_ct else None
     try:
         if scheme.granularity == "tensor":
             tensor_range = _whole_tensor_range(lambda: (next(reads) for _ in chunks), scheme)
@@ -516,14 +577,21 @@ def _quantize_tensor(
             writer.write(scale_name(entry.name), scale.reshape(1))
             if zero_point is not None:
                 writer.write(zero_point_name(entry.name), zero_point.reshape(1))
+        if as_ct:
+            writer.write(entry.name + ctformat.SHAPE, np.array(entry.shape, dtype=np.int64))
         stats = ErrorStats()
         for _ in chunks:
             chunk = next(reads)
             result = quantize_rows(chunk, scheme, tensor_range=tensor_range,
-                                   with_stats=error_stats)
+                                   with_stats=error_stats, scale_dtype=stored_scale)
             _check_produced(writer.target, entry.name, scheme, result)
-            writer.write(entry.name, result.codes)
-            if scheme.granularity != "tensor":
+            if as_ct:
+                writer.write(entry.name + ctformat.PACKED, ctformat.pack(result.codes))
+                assert stored_scale is not None
+                writer.write(entry.name + ctformat.SCALE, result.scale.astype(stored_scale))
+            else:
+                writer.write(entry.name, result.codes)
+            if scheme.granularity != "tensor" and not as_ct:
                 # Scale rows follow the code rows, so they stream out in step.
                 writer.write(scale_name(entry.name), result.scale)
                 if result.zero_point is not None:
@@ -570,6 +638,75 @@ def _locate_non_finite(
 # ------------------------------------------------------------------------- dequantize
 
 
+@dataclass(frozen=True)
+class Restore:
+    """How one stored weight becomes floats again: a qz tensor, or a compressed-tensors
+    one (pack-quantized or int-quantized)."""
+
+    name: str  # the restored tensor's name
+    shape: tuple[int, ...]
+    dtype: str  # the dtype it is restored to by default
+    scheme: Scheme
+    codes: str  # the stored tensor with the codes
+    scale: str
+    zero_point: str | None
+    packed: bool = False  # codes stored as compressed-tensors' weight_packed
+    foreign: bool = False
+    extra: tuple[str, ...] = ()  # other stored tensors that belong to it (weight_shape)
+
+    @property
+    def stored(self) -> set[str]:
+        names = {self.codes, self.scale, *self.extra}
+        return names | ({self.zero_point} if self.zero_point else set())
+
+
+def _restores(reader: SafetensorsReader) -> dict[str, Restore]:
+    """What a shard's quantized weights are, by the name of the restored tensor.
+
+    Raises:
+        QuantizedFormatError: neither a qz file nor one with compressed-tensors weights.
+    """
+    header, path = reader.header, reader.path
+    if is_quantized(header):
+        return {entry.name: Restore(entry.name, header[entry.name].shape,
+                                    entry.original_dtype, entry.scheme, entry.name,
+                                    scale_name(entry.name),
+                                    None if entry.scheme.symmetric else zero_point_name(entry.name))
+                for entry in read_quantized_entries(header, path)}
+    foreign = ctformat.find_foreign(header, _packed_shapes(reader))
+    if not foreign:
+        raise QuantizedFormatError(located(path, None, "not a qz-quantized file (no "
+                                           f"{KEY_FORMAT_VERSION} metadata) nor a "
+                                           "compressed-tensors one"))
+    restores = {}
+    for entry in foreign:
+        granularity = "block" if entry.strategy == "group" else entry.strategy
+        scheme = Scheme("affine" if entry.zero_point else "absmax", granularity,  # type: ignore[arg-type]
+                        entry.group_size if granularity == "block" else None)
+        restores[entry.name] = Restore(
+            entry.name, entry.shape, entry.dtype, scheme, entry.codes, entry.scale,
+            entry.zero_point, packed=entry.layout == "pack-quantized", foreign=True,
+            extra=tuple(n for n in (entry.name + ctformat.SHAPE,) if n in header))
+    return restores
+
+
+def _packed_shapes(reader: SafetensorsReader) -> dict[str, tuple[int, ...]]:
+    """The original shapes of compressed-tensors' packed weights (from X.weight_shape)."""
+    shapes = {}
+    for entry in reader.header.tensors:
+        if entry.name.endswith(ctformat.PACKED):
+            shape_name = entry.name.removesuffix(ctformat.PACKED) + ctformat.SHAPE
+            if shape_name in reader.header:
+                stored = reader.header[shape_name]
+                if stored.dtype in ("I64", "I32") and stored.shape == (2,):
+                    values = reader.read_tensor(stored)
+                    shape = tuple(int(v) for v in values)
+                    if all(v > 0 for v in shape) and shape[1] == entry.shape[1] * 4 \
+                            and shape[0] == entry.shape[0]:
+                        shapes[entry.name] = shape
+    return shapes
+
+
 def dequantize_checkpoint(
     source: str | Path,
     output: str | Path | None = None,
@@ -579,9 +716,10 @@ def dequantize_checkpoint(
     progress: Progress | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> DequantizeReport:
-    """Turn a qz checkpoint back into a float checkpoint with the original tensor names,
-    shapes and dtypes (or ``dtype``: float32, float16 or bfloat16 for every restored
-    tensor).
+    """Turn a qz checkpoint (or a compressed-tensors one) back into a float checkpoint
+    with the original tensor names, shapes and dtypes (or ``dtype``: float32, float16 or
+    bfloat16 for every restored tensor). compressed-tensors weights are restored to the
+    dtype of their scales, as compressed-tensors itself does.
 
     >>> dequantize_checkpoint("model.int8.safetensors").output   # doctest: +SKIP
     PosixPath('model.dequant.safetensors')
@@ -590,25 +728,25 @@ def dequantize_checkpoint(
         raise ValueError(f"unknown dtype {dtype!r}")
     progress = progress or NoProgress()
     checkpoint = open_checkpoint(source)
-    entries = {
-        shard.path.name: read_quantized_entries(shard.header, shard.path)
-        for shard in checkpoint.shards
-    }
+    restores = {}
+    for shard in checkpoint.shards:
+        with SafetensorsReader(shard.path) as reader:
+            restores[shard.path.name] = _restores(reader)
     target = Path(output) if output is not None else default_output(checkpoint, "dequant")
 
-    def shard_outputs(shard: Shard) -> tuple[list[PlannedTensor], dict[str, QuantizedEntry]]:
-        quantized = {entry.name: entry for entry in entries[shard.path.name]}
-        companions = {name for entry in quantized.values() for name in entry.companion_names()}
+    def shard_outputs(shard: Shard) -> list[PlannedTensor]:
+        shard_restores = restores[shard.path.name]
+        by_codes = {restore.codes: restore for restore in shard_restores.values()}
+        stored = {name for restore in shard_restores.values() for name in restore.stored}
         planned = []
         for tensor in shard.header.tensors:
-            if tensor.name in companions:
-                continue
-            out_dtype = tensor.dtype
-            if tensor.name in quantized:
-                original = quantized[tensor.name].original_dtype
-                out_dtype = original if dtype == "original" else OUTPUT_DTYPES[dtype]
-            planned.append(PlannedTensor(tensor.name, out_dtype, tensor.shape))
-        return planned, quantized
+            restore = by_codes.get(tensor.name)
+            if restore is not None:
+                out_dtype = restore.dtype if dtype == "original" else OUTPUT_DTYPES[dtype]
+                planned.append(PlannedTensor(restore.name, out_dtype, restore.shape))
+            elif tensor.name not in stored:
+                planned.append(PlannedTensor(tensor.name, tensor.dtype, tensor.shape))
+        return planned
 
     progress.start(checkpoint.data_bytes)
     tensors: list[DequantizedTensor] = []
@@ -616,26 +754,27 @@ def dequantize_checkpoint(
 
     def run(shard: Shard, shard_target: Path) -> list[PlannedTensor]:
         nonlocal output_bytes
-        planned, quantized = shard_outputs(shard)
+        planned = shard_outputs(shard)
+        shard_restores = restores[shard.path.name]
         metadata = plain_metadata(shard.header.metadata)
         with SafetensorsReader(shard.path) as reader, \
                 SafetensorsWriter(shard_target, planned, metadata) as writer, \
-                closing(prefetched(_dequantize_reads(reader, planned, quantized,
+                closing(prefetched(_dequantize_reads(reader, planned, shard_restores,
                                                      chunk_bytes))) as reads:
             for tensor in planned:
-                entry = shard.header[tensor.name]
-                if tensor.name in quantized:
-                    _dequantize_tensor(reader, reads, entry, quantized[tensor.name],
-                                       tensor.dtype, writer, progress, chunk_bytes)
+                restore = shard_restores.get(tensor.name)
+                if restore is not None:
+                    _dequantize_tensor(reader, reads, restore, tensor.dtype, writer,
+                                       progress, chunk_bytes)
                 else:
+                    entry = shard.header[tensor.name]
                     for _ in byte_chunks(entry, chunk_bytes):
                         piece = next(reads)
                         writer.write(tensor.name, piece)
                         progress.advance(piece.nbytes, tensor.name)
-                restored = quantized.get(tensor.name)
                 tensors.append(DequantizedTensor(
                     tensor.name, tensor.dtype, tensor.shape,
-                    None if restored is None else restored.scheme))
+                    None if restore is None else restore.scheme))
             reader.check_unchanged()
             writer.publish()
             output_bytes += writer.file_size
@@ -652,83 +791,99 @@ def dequantize_checkpoint(
                              for shard in checkpoint.shards}
             _write_index(checkpoint, staging.path, shard_tensors)
             _copy_companions(checkpoint, staging.path)
+            _drop_quantization_config(staging.path / "config.json")
             staging.publish()
     return DequantizeReport(checkpoint.source, target, tensors, output_bytes)
 
 
-def _dequantize_row_chunks(
-    codes_entry: TensorEntry, scheme: Scheme, chunk_bytes: int
-) -> list[tuple[int, int]]:
+def _drop_quantization_config(config: Path) -> None:
+    """A restored model is a float model: its config.json must not announce quantization."""
+    if not config.is_file():
+        return
+    try:
+        document = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return  # not ours to judge: copied as it was
+    if isinstance(document, dict) and document.pop("quantization_config", None) is not None:
+        config.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def _dequantize_row_chunks(restore: Restore, chunk_bytes: int) -> list[tuple[int, int]]:
     # Chunks are sized by the float32 values they become, the largest buffer here.
-    columns = scheme.row_view_shape(codes_entry.shape)[1]
-    rows_per_chunk = max(1, chunk_bytes // max(columns * 4, 1))
-    return row_chunks(codes_entry, scheme.row_view_shape(codes_entry.shape),
-                      rows_per_chunk * max(columns, 1))
+    rows, columns = restore.scheme.row_view_shape(restore.shape)
+    step = max(1, chunk_bytes // max(columns * 4, 1))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
 def _dequantize_reads(
     reader: SafetensorsReader,
     planned: list[PlannedTensor],
-    quantized: dict[str, QuantizedEntry],
+    restores: dict[str, Restore],
     chunk_bytes: int,
 ) -> Iterator[object]:
     """Every read the dequantize job makes on a shard, in order: raw pieces of copied
     tensors, and (codes, scale, zero point) row chunks of quantized ones."""
     header = reader.header
     for tensor in planned:
-        entry = header[tensor.name]
-        if tensor.name not in quantized:
-            yield from reader.iter_bytes(entry, chunk_bytes)
+        restore = restores.get(tensor.name)
+        if restore is None:
+            yield from reader.iter_bytes(header[tensor.name], chunk_bytes)
             continue
-        scheme = quantized[tensor.name].scheme
-        row_shape = scheme.row_view_shape(entry.shape)
-        groups = 1 if scheme.granularity == "tensor" else scheme.groups_per_row(row_shape[1])
-        companions = [header[name] for name in quantized[tensor.name].companion_names()]
-        for start, stop in _dequantize_row_chunks(entry, scheme, chunk_bytes):
-            codes = np.empty((stop - start, row_shape[1]), dtype=np.int8)
-            reader.read_into(entry, start * row_shape[1], codes)
+        scheme = restore.scheme
+        columns = scheme.row_view_shape(restore.shape)[1]
+        groups = 1 if scheme.granularity == "tensor" else scheme.groups_per_row(columns)
+        for start, stop in _dequantize_row_chunks(restore, chunk_bytes):
+            codes = np.empty((stop - start, columns), dtype=np.uint8 if restore.packed else np.int8)
+            reader.read_into(header[restore.codes], start * columns, codes)
+            if restore.packed:  # compressed-tensors stores q + 128
+                codes = np.bitwise_xor(codes, np.uint8(0x80)).view(np.int8)
             parameters = []
-            for companion in companions:
+            for name in (restore.scale, restore.zero_point):
+                if name is None:
+                    parameters.append(None)
+                    continue
+                stored = header[name]
                 if scheme.granularity == "tensor":
-                    parameters.append(reader.read_tensor(companion).reshape(1, 1))
+                    values = reader.read_tensor(stored).reshape(1, 1)
                 else:
-                    rows = np.empty((stop - start, groups), dtype=numpy_dtype(companion.dtype))
-                    reader.read_into(companion, start * groups * rows.itemsize, rows)
-                    parameters.append(rows)
-            yield codes, parameters[0], (parameters[1] if len(parameters) > 1 else None)
+                    values = np.empty((stop - start, groups), dtype=numpy_dtype(stored.dtype))
+                    reader.read_into(stored, start * groups * values.itemsize, values)
+                parameters.append(values)
+            scale = parameters[0].astype(np.float32)  # exact: scales are float16/32 or bf16
+            yield codes, scale, parameters[1]
 
 
 def _dequantize_tensor(
     reader: SafetensorsReader,
     reads: Iterator[object],
-    codes_entry: TensorEntry,
-    quantized: QuantizedEntry,
+    restore: Restore,
     out_dtype: str,
     writer: SafetensorsWriter,
     progress: Progress,
     chunk_bytes: int,
 ) -> None:
-    scheme = quantized.scheme
     target = numpy_dtype(out_dtype)
-    for _ in _dequantize_row_chunks(codes_entry, scheme, chunk_bytes):
+    for _ in _dequantize_row_chunks(restore, chunk_bytes):
         codes, scale, zero_point = next(reads)  # type: ignore[misc]
-        check_stored_values(reader.path, quantized, codes, scale, zero_point)
+        check_stored_values(reader.path, restore.name, restore.scheme, codes, scale,
+                            check_codes=not restore.foreign)
         try:
-            values = dequantize_rows(codes, scale, zero_point, scheme, target)
+            values = dequantize_rows(codes, scale, zero_point, restore.scheme, target)
         except DtypeRangeError:
             raise OutputError(
-                located(reader.path, quantized.name, f"values exceed the range of {out_dtype}"),
+                located(reader.path, restore.name, f"values exceed the range of {out_dtype}"),
                 hint="choose a wider --dtype",
             ) from None
-        writer.write(codes_entry.name, values)
-        progress.advance(codes.nbytes, codes_entry.name)
+        writer.write(restore.name, values)
+        progress.advance(codes.nbytes, restore.name)
 
 
 # ---------------------------------------------------------------------------- inspect
 
 
 def inspect_checkpoint(source: str | Path) -> InspectReport:
-    """Describe a checkpoint from its headers alone: tensors, roles, schemes, metadata.
+    """Describe a checkpoint from its headers: tensors, roles, schemes, metadata. For a
+    compressed-tensors checkpoint it also reads the tiny ``weight_shape`` tensors.
 
     >>> inspect_checkpoint("model.int8.safetensors").format_version   # doctest: +SKIP
     '1'
@@ -736,23 +891,42 @@ def inspect_checkpoint(source: str | Path) -> InspectReport:
     checkpoint = open_checkpoint(source)
     tensors: list[InspectedTensor] = []
     format_version = None
+    foreign_format = None
     for shard in checkpoint.shards:
         header = shard.header
         shard_name = shard.path.name if checkpoint.sharded else None
-        quantized: dict[str, QuantizedEntry] = {}
+        restores: dict[str, Restore] = {}
         if is_quantized(header):
             format_version = header.metadata[KEY_FORMAT_VERSION]
-            quantized = {e.name: e for e in read_quantized_entries(header, shard.path)}
-        owners = {companion: (entry.name, role)
-                  for entry in quantized.values()
-                  for companion, role in zip(entry.companion_names(), ("scale", "zero_point"))}
+        if is_quantized(header) or any(t.name.endswith((ctformat.PACKED, ctformat.SCALE))
+                                       for t in header.tensors):
+            with SafetensorsReader(shard.path) as reader:
+                try:
+                    restores = _restores(reader)
+                except QuantizedFormatError:
+                    if is_quantized(header):
+                        raise
+        if any(restore.foreign for restore in restores.values()):
+            foreign_format = ctformat.FORMAT
+        by_codes = {restore.codes: restore for restore in restores.values()}
+        owners = {}
+        for restore in restores.values():
+            owners[restore.scale] = (restore.name, "scale")
+            if restore.zero_point:
+                owners[restore.zero_point] = (restore.name, "zero_point")
+            for name in restore.extra:
+                owners[name] = (restore.name, "shape")
         for tensor in header.tensors:
             common = dict(name=tensor.name, dtype=tensor.dtype, shape=tensor.shape,
                           nbytes=tensor.nbytes, shard=shard_name)
-            if tensor.name in quantized:
-                entry = quantized[tensor.name]
-                tensors.append(InspectedTensor(**common, role="quantized", scheme=entry.scheme,
-                                               original_dtype=entry.original_dtype))
+            if tensor.name in by_codes:
+                restore = by_codes[tensor.name]
+                tensors.append(InspectedTensor(
+                    **common, role="quantized", scheme=restore.scheme,
+                    original_dtype=restore.dtype,
+                    layout=(("pack-quantized" if restore.packed else "int-quantized")
+                            if restore.foreign else "qz"),
+                    of=None if tensor.name == restore.name else restore.name))
             elif tensor.name in owners:
                 owner, role = owners[tensor.name]
                 tensors.append(InspectedTensor(**common, role=role, of=owner))
@@ -765,4 +939,5 @@ def inspect_checkpoint(source: str | Path) -> InspectReport:
         tensors=_by_name(tensors),
         format_version=format_version,
         sharded=checkpoint.sharded,
+        foreign_format=foreign_format,
     )

@@ -31,6 +31,7 @@ class TensorPlan:
     entry: TensorEntry
     scheme: Scheme | None
     reason: str
+    export: str = "qz"  # or "compressed-tensors": how the quantized tensor is stored
 
     @property
     def name(self) -> str:
@@ -45,6 +46,10 @@ class TensorPlan:
         entry = self.entry
         if self.scheme is None:
             return [PlannedTensor(entry.name, entry.dtype, entry.shape)]
+        if self.export == "compressed-tensors":
+            from . import ctformat  # a format module of its own; imported where needed
+
+            return ctformat.outputs(entry, self.scheme)
         scale_shape = self.scheme.scale_shape(entry.shape)
         planned = [
             PlannedTensor(entry.name, "I8", entry.shape),

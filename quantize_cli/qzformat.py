@@ -185,16 +185,18 @@ def _check_stored_tensors(header: Header, entry: QuantizedEntry, path: str | Pat
 
 def check_stored_values(
     path: Path,
-    quantized: QuantizedEntry,
+    name: str,
+    scheme: Scheme,
     codes: np.ndarray,
     scale: np.ndarray,
-    zero_point: np.ndarray | None,
+    *,
+    check_codes: bool = True,
 ) -> None:
-    """Refuse stored numbers qz could never have written, rather than return wrong values."""
+    """Refuse stored numbers qz could never have written, rather than return wrong values:
+    non-finite or negative scales, and (``check_codes``) the absmax code -128."""
     if not (np.isfinite(scale).all() and (scale >= 0).all()):
         raise QuantizedFormatError(
-            located(path, scale_name(quantized.name), "holds non-finite or negative scales"))
-    if quantized.scheme.symmetric and codes.size and codes.min() < -127:
+            located(path, scale_name(name), "holds non-finite or negative scales"))
+    if check_codes and scheme.symmetric and codes.size and codes.min() < -127:
         raise QuantizedFormatError(
-            located(path, quantized.name, "holds the code -128, outside absmax's range "
-                    "[-127, 127]"))
+            located(path, name, "holds the code -128, outside absmax's range [-127, 127]"))

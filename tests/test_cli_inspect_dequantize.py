@@ -50,7 +50,7 @@ def test_inspect_json(runner: CliRunner, quantized: Path) -> None:
     assert tensors["a.weight_zero_point"] == {
         "name": "a.weight_zero_point", "dtype": "I8", "shape": [8, 3], "bytes": 24,
         "role": "zero_point", "scheme": None, "original_dtype": None, "of": "a.weight",
-        "shard": None}
+        "shard": None, "layout": "qz"}
     assert report["totals"]["bytes"] == quantized.stat().st_size
 
 
@@ -96,7 +96,7 @@ def test_dequantize_unknown_dtype_is_a_usage_error(runner: CliRunner, quantized:
 def test_dequantize_refuses_a_plain_file(runner: CliRunner, small_model: Path) -> None:
     stderr = run_fail(runner, 1, "dequantize", str(small_model))
     assert stderr == (f"Error: {small_model}: not a qz-quantized file "
-                      "(no qz.format_version metadata)\n")
+                      "(no qz.format_version metadata) nor a compressed-tensors one\n")
 
 
 def test_dequantize_refuses_float16_overflow(runner: CliRunner, tmp_path: Path) -> None:

@@ -172,6 +172,10 @@ def qz() -> None:
               help="Show what would be done and the output size; read headers only.")
 @click.option("--json", "json_target", metavar="FILE|-",
               help="Write the report as JSON to FILE, or to stdout with '-'.")
+@click.option("--format", "export", type=click.Choice(["qz", "compressed-tensors"]),
+              default="qz", show_default=True,
+              help="compressed-tensors: a folder vLLM loads (pack-quantized, absmax, per "
+                   "channel or block 32/64/128), with quantization_config in config.json.")
 @click.option("--no-stats", is_flag=True,
               help="Do not measure the error (faster; the same file is written).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
@@ -190,6 +194,7 @@ def quantize(
     exclude: tuple[str, ...],
     dry_run: bool,
     json_target: str | None,
+    export: str,
     no_stats: bool,
     force: bool,
     quiet: bool,
@@ -205,6 +210,7 @@ def quantize(
       qz quantize llama-3-8b/ --per-channel -o llama-3-8b-int8/
       qz quantize model.safetensors --exclude 'lm_head.*' --dry-run
       qz quantize model.safetensors --target-sqnr 40
+      qz quantize llama-3-8b/ --format compressed-tensors --per-channel
     """
     chosen = [name for name, given in (("--block", block_size is not None),
                                         ("--per-channel", per_channel),
@@ -223,7 +229,7 @@ def quantize(
         report = quantize_checkpoint(
             input_path, output, scheme, include=include, exclude=exclude, force=force,
             dry_run=dry_run, error_stats=not no_stats, target_sqnr=target_sqnr,
-            progress=progress,
+            export=export, progress=progress,
         )
     document = render.quantize_json(report)
     if json_target == "-":

@@ -213,10 +213,15 @@ def inspect_table(report: InspectReport) -> Group:
     table.add_column("Size", justify="right")
     table.add_column("Stored as")
     for tensor in report.tensors:
-        if tensor.role == "quantized":
+        if tensor.role == "quantized" and tensor.layout != "qz":
+            assert tensor.scheme is not None
+            role = (f"compressed-tensors {tensor.layout} INT8 "
+                    f"{tensor.scheme.describe().split(' ', 1)[1]} → "
+                    f"{display_text(tensor.of or tensor.name)} ({tensor.original_dtype})")
+        elif tensor.role == "quantized":
             assert tensor.scheme is not None
             role = f"INT8 {tensor.scheme.describe()} (from {tensor.original_dtype})"
-        elif tensor.role in ("scale", "zero_point"):
+        elif tensor.role in ("scale", "zero_point", "shape"):
             role = f"{tensor.role.replace('_', ' ')} of {display_text(tensor.of or '')}"
         else:
             role = ""
@@ -226,11 +231,14 @@ def inspect_table(report: InspectReport) -> Group:
         cells += [tensor.dtype, _shape(tensor.shape), decimal(tensor.nbytes), Text(role)]
         table.add_row(*cells)
     quantized = sum(t.role == "quantized" for t in report.tensors)
-    fmt = f"qz format {report.format_version}" if report.format_version else "not quantized by qz"
+    fmt = (f"qz format {report.format_version}" if report.format_version
+           else f"{report.foreign_format} checkpoint" if report.foreign_format
+           else "not quantized by qz")
     lines: list[Any] = [Text(display_text(str(report.source)), style="bold"), table, Text(
         f"{len(report.tensors)} tensors, {report.parameter_count:,} parameters, "
         f"{decimal(report.total_bytes)} in {len(report.shards)} file(s); {fmt}"
-        + (f", {quantized} quantized tensors" if report.format_version else "")
+        + (f", {quantized} quantized tensors"
+           if report.format_version or report.foreign_format else "")
     )]
     shown = {k: v for k, v in report.metadata.items() if k != KEY_TENSORS}
     if shown:
@@ -251,6 +259,7 @@ def inspect_json(report: InspectReport) -> dict[str, Any]:
         "sharded": report.sharded,
         "files": [{"name": name, "bytes": size} for name, size in report.shards],
         "qz_format_version": report.format_version,
+        "foreign_format": report.foreign_format,
         "metadata": report.metadata,
         "tensors": [
             {
@@ -263,6 +272,7 @@ def inspect_json(report: InspectReport) -> dict[str, Any]:
                 "original_dtype": t.original_dtype,
                 "of": t.of,
                 "shard": t.shard,
+                "layout": t.layout,
             }
             for t in report.tensors
         ],

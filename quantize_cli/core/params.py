@@ -125,3 +125,28 @@ def _zero_point(low64: np.ndarray, scale: np.ndarray) -> np.ndarray:
     np.divide(low64, scale, out=ratio, where=scale > 0)
     zero_point = np.clip(np.rint(-128.0 - ratio), -128, 127)
     return np.where(scale > 0, zero_point, 0.0)
+
+
+def round_scale_up(scale: np.ndarray, dtype: np.dtype) -> npt.NDArray[np.float32]:
+    """float32 scales rounded *up* to the nearest value ``dtype`` can hold (as float32).
+
+    For formats that store scales in the model's dtype (compressed-tensors, vLLM): the
+    codes must be made with the stored scale, and rounding it up keeps |x / s| ≤ 127, so
+    absmax still needs no clipping. Zero stays zero.
+
+    >>> import ml_dtypes
+    >>> float(round_scale_up(np.array([0.1], np.float32), np.dtype(ml_dtypes.bfloat16))[0])
+    0.10009765625
+
+    Raises:
+        SchemeError: a scale beyond the range of ``dtype`` (float16 above 65504).
+    """
+    if dtype == np.float32 or dtype == np.float64:
+        return scale
+    nearest = scale.astype(dtype)
+    below = nearest.astype(np.float32) < scale
+    bits = nearest.view(np.uint16) + below.astype(np.uint16)  # positive: +1 ulp goes up
+    rounded = bits.view(dtype).astype(np.float32)
+    if not np.isfinite(rounded).all():
+        raise SchemeError(f"scales exceed the range of {dtype.name}")
+    return rounded

@@ -38,7 +38,7 @@ import numpy.typing as npt
 
 from ..errors import DtypeRangeError, NonFiniteValuesError, SchemeError
 from . import clip, kernels
-from .params import qparams_from_range
+from .params import qparams_from_range, round_scale_up
 from .scheme import Scheme
 from .stats import ErrorStats
 from .threads import map_tiles, scratch, tile_rows
@@ -173,6 +173,7 @@ def quantize_rows(
     *,
     tensor_range: tuple[float, float] | None = None,
     with_stats: bool = False,
+    scale_dtype: npt.DTypeLike | None = None,
 ) -> RowResult:
     """Quantize a run of rows of a tensor's 2-D row view (see ``Scheme.row_view_shape``).
 
@@ -183,6 +184,8 @@ def quantize_rows(
     it the range of ``rows`` is used; a given range must come from :func:`value_range`
     over the same values, which is also what refuses non-finite values. ``with_stats``
     also returns the error statistics, computed while each tile is still in cache.
+    ``scale_dtype`` (absmax, per channel or block) rounds every scale up to a value that
+    dtype holds, for formats that store scales in the model's dtype.
 
     >>> result = quantize_rows(np.array([[1.6, -0.7, -3.4, 1.7]], np.float32), Scheme())
     >>> result.codes.tolist(), result.scale.shape
@@ -226,6 +229,8 @@ def quantize_rows(
                     zero_point, view.shape[:2])
             else:
                 view_scale, view_zero = kernels.tile_qparams(range_view, scheme, view)
+                if scale_dtype is not None:
+                    view_scale = round_scale_up(view_scale, np.dtype(scale_dtype))
                 scale[tile, owned] = view_scale
                 if zero_point is not None:
                     zero_point[tile, owned] = view_zero
