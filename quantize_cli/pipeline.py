@@ -46,6 +46,8 @@ from .plan import TensorPlan, plan_quantization, planned_outputs
 from .qzformat import (
     KEY_FORMAT_VERSION,
     KEY_VERSION,
+    PENDING_HASH,
+    provenance,
     QuantizedEntry,
     is_quantized,
     plain_metadata,
@@ -60,6 +62,7 @@ from .storage.dtypes import DTYPE_BITS, OUTPUT_DTYPES, numpy_dtype
 from .storage.header import TensorEntry
 from .storage.reader import (
     DEFAULT_CHUNK_BYTES,
+    FileHasher,
     SafetensorsReader,
     byte_chunks,
     prefetched,
@@ -352,6 +355,9 @@ def quantize_checkpoint(
         )
     target = Path(output) if output is not None else default_output(
         checkpoint, "ct-int8" if as_ct else "int8", folder=as_ct)
+    options = {"method": scheme.method, "granularity": scheme.granularity,
+               "block": scheme.block_size, "clip": scheme.clip, "include": list(include),
+               "exclude": list(exclude), "target_sqnr": target_sqnr, "format": export}
 
     def report_for(shard: Shard, stats: dict[str, ErrorStats]) -> list[TensorReport]:
         return [
@@ -377,7 +383,7 @@ def quantize_checkpoint(
             for shard in checkpoint.shards:
                 shard_plans = plans[shard.path.name]
                 stats = _quantize_shard(shard, shard_plans, staging.path / shard.path.name,
-                                        progress, chunk_bytes, error_stats)
+                                        progress, chunk_bytes, error_stats, options)
                 tensors += report_for(shard, stats)
                 shard_tensors[shard.path.name] = planned_outputs(shard_plans)
             if checkpoint.sharded:
@@ -390,7 +396,7 @@ def quantize_checkpoint(
         shard = checkpoint.shards[0]
         check_output_path(target, [shard.path], force)
         stats = _quantize_shard(shard, plans[shard.path.name], target, progress, chunk_bytes,
-                                error_stats)
+                                error_stats, options)
         tensors = report_for(shard, stats)
     else:
         _check_folder_output(target, checkpoint, force)
@@ -399,7 +405,7 @@ def quantize_checkpoint(
             for shard in checkpoint.shards:
                 shard_plans = plans[shard.path.name]
                 stats = _quantize_shard(shard, shard_plans, staging.path / shard.path.name,
-                                        progress, chunk_bytes, error_stats)
+                                        progress, chunk_bytes, error_stats, options)
                 tensors += report_for(shard, stats)
                 shard_tensors[shard.path.name] = planned_outputs(shard_plans)
             _write_index(checkpoint, staging.path, shard_tensors)
@@ -432,6 +438,7 @@ def _quantize_shard(
     progress: Progress,
     chunk_bytes: int,
     error_stats: bool,
+    options: dict[str, object],
 ) -> dict[str, ErrorStats]:
     if any(plan.export == ctformat.FORMAT for plan in plans):
         metadata = {**shard.header.metadata, KEY_VERSION: __version__}
@@ -439,6 +446,9 @@ def _quantize_shard(
         metadata = quantized_metadata(
             shard.header.metadata, [plan.quantized_entry() for plan in plans if plan.quantized]
         )
+    # The input's hash is computed alongside and written into the header at the end.
+    hasher = FileHasher(shard.path)
+    metadata.update(provenance(shard.path.name, PENDING_HASH, options))
     stats: dict[str, ErrorStats] = {}
     with SafetensorsReader(shard.path) as reader, \
             SafetensorsWriter(target, planned_outputs(plans), metadata) as writer:
@@ -459,6 +469,8 @@ def _quantize_shard(
                 if tensor_stats is not None:
                     stats[plan.name] = tensor_stats
         reader.check_unchanged()
+        metadata.update(provenance(shard.path.name, hasher.digest(), options))
+        writer.replace_metadata(metadata)
         writer.publish()
     return stats
 

@@ -10,6 +10,7 @@ description for other tools.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,50 @@ FORMAT_VERSION = "1"
 KEY_FORMAT_VERSION = "qz.format_version"
 KEY_VERSION = "qz.version"
 KEY_TENSORS = "qz.tensors"
+KEY_SOURCE = "qz.source"
+KEY_OPTIONS = "qz.options"
+KEY_COMMAND = "qz.command"
+KEY_ROUNDING = "qz.rounding"
 QZ_KEY_PREFIX = "qz."
+
+#: The rounding rule, recorded in every output (DESIGN §1).
+ROUNDING = ("round half to even (numpy.rint) of x / s (+ z) in float32, clipped to the "
+            "method's range; s from the group's float32 min/max in float64, rounded once "
+            "to float32")
+#: Stands in for the input's SHA-256 until it is known (same length, so the header keeps
+#: its size and is rewritten in place).
+PENDING_HASH = "0" * 64
+
+
+def provenance(source_file: str, sha256: str, options: dict[str, Any]) -> dict[str, str]:
+    """The metadata that lets anyone re-create an output bit for bit: the source file and
+    its hash, the options, the command, the rounding rule (and ``qz.version``)."""
+    return {
+        KEY_SOURCE: json.dumps({"file": source_file, "sha256": sha256},
+                               separators=(",", ":"), sort_keys=True),
+        KEY_OPTIONS: json.dumps(options, separators=(",", ":"), sort_keys=True),
+        KEY_COMMAND: command_line(source_file, options),
+        KEY_ROUNDING: ROUNDING,
+    }
+
+
+def command_line(source: str, options: dict[str, Any]) -> str:
+    """The ``qz quantize`` command that re-creates the output from ``source``."""
+    parts = ["qz", "quantize", source, "--method", options["method"]]
+    if options.get("target_sqnr") is None:
+        granularity = options["granularity"]
+        parts += (["--block", str(options["block"])] if granularity == "block"
+                  else ["--per-channel"] if granularity == "channel" else ["--per-tensor"])
+    else:
+        parts += ["--target-sqnr", f"{options['target_sqnr']:g}"]
+    parts += ["--clip", options["clip"]]
+    for pattern in options.get("include", []):
+        parts += ["--include", pattern]
+    for pattern in options.get("exclude", []):
+        parts += ["--exclude", pattern]
+    if options.get("format", "qz") != "qz":
+        parts += ["--format", options["format"]]
+    return " ".join(shlex.quote(part) for part in parts)
 
 
 def scale_name(name: str) -> str:

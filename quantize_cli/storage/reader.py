@@ -204,3 +204,42 @@ def prefetched(items: Iterator[T]) -> Iterator[T]:
     finally:
         stop.set()
         worker.join()
+
+
+class FileHasher:
+    """The SHA-256 of a file, computed on a background thread while other work goes on
+    (hashlib releases the GIL on large buffers). ``digest()`` waits for it.
+
+    >>> FileHasher(Path("model.safetensors")).digest()   # doctest: +SKIP
+    '5d6508e6…'
+    """
+
+    PIECE = 8 * 1024 * 1024
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._digest: str | None = None
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="qz-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import hashlib
+
+        hasher = hashlib.sha256()
+        try:
+            with open(self.path, "rb", buffering=0) as handle:
+                while piece := handle.read(self.PIECE):
+                    hasher.update(piece)
+        except OSError as error:
+            self._error = error
+            return
+        self._digest = hasher.hexdigest()
+
+    def digest(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise InputError(located(self.path, None,
+                                     f"cannot be read ({self._error.strerror})"))
+        assert self._digest is not None
+        return self._digest

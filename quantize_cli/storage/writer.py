@@ -221,6 +221,18 @@ class SafetensorsWriter:
         finally:
             self._syncing.release()
 
+    def replace_metadata(self, metadata: dict[str, str]) -> None:
+        """Rewrite the header with new metadata of exactly the same encoded length (for
+        values only known at the end, such as the input's hash, written as placeholders
+        of the right length)."""
+        header_bytes, _ = build_header([(t.name, t.dtype, t.shape) for t in self.tensors],
+                                       metadata)
+        if len(header_bytes) != len(self.header_bytes):
+            raise ValueError("the new metadata does not fit the header's length")
+        assert self._behind is not None, "replace_metadata() before publish()"
+        self._behind.submit(np.frombuffer(header_bytes, dtype=np.uint8), 0)
+        self.header_bytes = header_bytes
+
     def publish(self) -> None:
         """Verify, fsync and rename the file into place."""
         assert self._temp_path is not None, "publish() outside the with block"
