@@ -42,7 +42,7 @@ ROUNDING = ("round half to even (numpy.rint) of x / s (+ z) in float32, clipped 
 PENDING_HASH = "0" * 64
 
 
-def provenance(source_file: str, sha256: str, options: dict[str, Any]) -> dict[str, str]:
+def provenance(source_file: str, sha256: str | None, options: dict[str, Any]) -> dict[str, str]:
     """The metadata that lets anyone re-create an output bit for bit: the source file and
     its hash, the options, the command, the rounding rule (and ``qz.version``)."""
     return {
@@ -70,6 +70,8 @@ def command_line(source: str, options: dict[str, Any]) -> str:
         parts += ["--exclude", pattern]
     if options.get("format", "qz") != "qz":
         parts += ["--format", options["format"]]
+    if options.get("hash") is False:
+        parts.append("--no-hash")
     return " ".join(shlex.quote(part) for part in parts)
 
 

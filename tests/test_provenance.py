@@ -62,3 +62,13 @@ def test_sharded_and_compressed_tensors_outputs_record_each_shard(tmp_path: Path
         metadata, _ = read_with_safetensors(output / shard.name)
         assert json.loads(metadata["qz.source"]) == {"file": shard.name, "sha256": sha256(shard)}
         assert "--format compressed-tensors" in metadata["qz.command"]
+
+
+def test_no_hash_records_null(small_model: Path, tmp_path: Path) -> None:
+    output = tmp_path / "q.safetensors"
+    result = CliRunner().invoke(qz, ["quantize", str(small_model), "-o", str(output), "-q",
+                                     "--no-hash"])
+    assert result.exit_code == 0
+    metadata, _ = read_with_safetensors(output)
+    assert json.loads(metadata["qz.source"]) == {"file": "model.safetensors", "sha256": None}
+    assert metadata["qz.command"].endswith("--no-hash")

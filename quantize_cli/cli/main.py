@@ -176,6 +176,8 @@ def qz() -> None:
               default="qz", show_default=True,
               help="compressed-tensors: a folder vLLM loads (pack-quantized, absmax, per "
                    "channel or block 32/64/128), with quantization_config in config.json.")
+@click.option("--no-hash", is_flag=True,
+              help="Do not record the input's SHA-256 (saves about 0.7 s of one core per GB).")
 @click.option("--no-stats", is_flag=True,
               help="Do not measure the error (faster; the same file is written).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
@@ -195,6 +197,7 @@ def quantize(
     dry_run: bool,
     json_target: str | None,
     export: str,
+    no_hash: bool,
     no_stats: bool,
     force: bool,
     quiet: bool,
@@ -229,7 +232,7 @@ def quantize(
         report = quantize_checkpoint(
             input_path, output, scheme, include=include, exclude=exclude, force=force,
             dry_run=dry_run, error_stats=not no_stats, target_sqnr=target_sqnr,
-            export=export, progress=progress,
+            export=export, hash_source=not no_hash, progress=progress,
         )
     document = render.quantize_json(report)
     if json_target == "-":

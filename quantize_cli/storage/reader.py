@@ -7,6 +7,7 @@ ordinary error here ("input changed while reading").
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import queue
@@ -206,40 +207,52 @@ def prefetched(items: Iterator[T]) -> Iterator[T]:
         worker.join()
 
 
-class FileHasher:
-    """The SHA-256 of a file, computed on a background thread while other work goes on
-    (hashlib releases the GIL on large buffers). ``digest()`` waits for it.
+class StreamHasher:
+    """The SHA-256 of a safetensors file, fed with the data as a job reads it in file
+    order (so the file is not read a second time), and computed on a thread of its own so
+    that hashing overlaps with reading and computing; ``digest()`` falls back to reading
+    the file if the job did not see every byte in order. At most one piece waits.
 
-    >>> FileHasher(Path("model.safetensors")).digest()   # doctest: +SKIP
-    '5d6508e6…'
+    >>> with SafetensorsReader("model.safetensors") as reader:   # doctest: +SKIP
+    ...     hasher = StreamHasher(reader)
+    ...     for piece in reader.iter_bytes(reader.header.tensors[0], 1 << 20):
+    ...         hasher.update(piece)
+    ...     print(hasher.digest())
     """
 
-    PIECE = 8 * 1024 * 1024
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._digest: str | None = None
-        self._error: OSError | None = None
+    def __init__(self, reader: SafetensorsReader) -> None:
+        self.path = reader.path
+        self._hash = hashlib.sha256(reader._pread(reader.header.data_start, 0))
+        self._position = reader.header.data_start
+        self._size = reader.header.file_size
+        self._pending: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._run, name="qz-hash", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        import hashlib
+        while (piece := self._pending.get()) is not None:
+            self._hash.update(piece)  # releases the GIL on large pieces
 
-        hasher = hashlib.sha256()
-        try:
-            with open(self.path, "rb", buffering=0) as handle:
-                while piece := handle.read(self.PIECE):
-                    hasher.update(piece)
-        except OSError as error:
-            self._error = error
-            return
-        self._digest = hasher.hexdigest()
+    def update(self, piece: np.ndarray) -> None:
+        data = piece.reshape(-1).view(np.uint8)
+        self._position += data.nbytes
+        self._pending.put(data)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._pending.put(None)
+            self._thread.join()
 
     def digest(self) -> str:
-        self._thread.join()
-        if self._error is not None:
+        self.close()
+        if self._position == self._size:
+            return self._hash.hexdigest()
+        whole = hashlib.sha256()
+        try:
+            with open(self.path, "rb", buffering=0) as handle:
+                while piece := handle.read(8 * 1024 * 1024):
+                    whole.update(piece)
+        except OSError as error:
             raise InputError(located(self.path, None,
-                                     f"cannot be read ({self._error.strerror})"))
-        assert self._digest is not None
-        return self._digest
+                                     f"cannot be read ({error.strerror})")) from None
+        return whole.hexdigest()
