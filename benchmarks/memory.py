@@ -91,7 +91,7 @@ def main() -> None:
         for label, command in (
             ("quantize (absmax block 128)", ["quantize", str(source), "-o", str(quantized),
                                              "--force", "-q"]),
-            ("quantize (affine per tensor)", ["quantize", str(source), "-o", str(quantized),
+            ("quantize (affine per tensor, mse)", ["quantize", str(source), "-o", str(quantized),
                                               "--method", "affine", "--per-tensor", "--force",
                                               "-q"]),
             ("dequantize (to BF16)", ["dequantize", str(quantized), "-o", str(restored),
