@@ -1,0 +1,83 @@
+"""The compressed-tensors export (what it writes and refuses) and reading compressed-tensors
+checkpoints back, without torch (tests/test_interop.py checks against the real library)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import raw_safetensors, read_with_safetensors, to_array
+from quantize_cli.cli.main import qz
+from test_cli_quantize import run_fail, run_ok
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_weights"
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--method", "affine"], "affine is not supported"),
+    (["--per-tensor"], "per tensor is not supported"),
+    (["--block", "48"], "block 48 is not supported"),
+    (["--target-sqnr", "40"], "--target-sqnr cannot be combined"),
+])
+def test_what_the_runtime_cannot_load_is_refused_up_front(tmp_path: Path, flags: list[str],
+                                                          fragment: str) -> None:
+    stderr = run_fail(CliRunner(), 1, "quantize", str(SAMPLES / "tiny_llama_bf16.safetensors"),
+                      "--format", "compressed-tensors", "-o", str(tmp_path / "out"), *flags)
+    assert "compressed-tensors" in stderr and fragment in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_layout_config_and_ignore_list(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    report = json.loads(run_ok(CliRunner(), "quantize", str(SAMPLES / "tiny_llama_sharded"),
+                               "--format", "compressed-tensors", "--block", "64", "-o",
+                               str(output), "--json", "-"))
+    reasons = {t["name"]: t["reason"] for t in report["tensors"]}
+    assert reasons["model.embed_tokens.weight"] == (
+        "kept for vLLM: an embedding (vLLM quantizes Linear layers only)")
+    assert reasons["model.layers.0.mlp.down_proj.weight"].startswith(
+        "kept for vLLM: shape 128×344: vLLM's INT8 kernel needs in_features a multiple of 128")
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == "llama"  # the model's own config, kept
+    quantization = config["quantization_config"]
+    assert quantization["format"] == "pack-quantized"
+    assert quantization["config_groups"]["group_0"]["weights"] == {
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64,
+        "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax",
+        "observer_kwargs": {}}
+    assert "model.layers.0.mlp.down_proj" in quantization["ignore"]
+    assert "lm_head" not in quantization["ignore"]
+    index = json.loads((output / "model.safetensors.index.json").read_text())
+    shard = output / index["weight_map"]["lm_head.weight_packed"]
+    _, tensors = read_with_safetensors(shard)
+    assert tensors["lm_head.weight_packed"][:2] == ("I32", [256, 32])
+    assert tensors["lm_head.weight_scale"][:2] == ("BF16", [256, 2])
+    assert to_array(*tensors["lm_head.weight_shape"]).tolist() == [256, 128]
+    assert "lm_head.weight" not in tensors
+
+
+def test_reading_int_quantized_checkpoints(tmp_path: Path) -> None:
+    codes = np.array([[-128, -1, 0, 127], [5, -5, 10, -10]], dtype=np.int8)
+    scale = np.array([[0.5], [0.25]], dtype=ml_dtypes.bfloat16)
+    zero = np.array([[1], [-2]], dtype=np.int8)
+    path = tmp_path / "ct.safetensors"
+    path.write_bytes(raw_safetensors({
+        "layer.weight": ("I8", [2, 4], codes.tobytes()),
+        "layer.weight_scale": ("BF16", [2, 1], scale.tobytes()),
+        "layer.weight_zero_point": ("I8", [2, 1], zero.tobytes()),
+        "layer.bias": ("BF16", [2], np.ones(2, ml_dtypes.bfloat16).tobytes())}))
+    shown = run_ok(CliRunner(), "inspect", str(path))
+    assert "compressed-tensors int-quantized INT8 channel" in shown
+    assert "compressed-tensors checkpoint, 1 quantized tensors" in shown
+    run_ok(CliRunner(), "dequantize", str(path), "-q")
+    _, restored = read_with_safetensors(tmp_path / "ct.dequant.safetensors")
+    assert sorted(restored) == ["layer.bias", "layer.weight"]
+    expected = ((codes.astype(np.float32) - zero) * scale.astype(np.float32)).astype(
+        ml_dtypes.bfloat16)
+    assert restored["layer.weight"][0] == "BF16"
+    assert to_array(*restored["layer.weight"]).tobytes() == expected.tobytes()
