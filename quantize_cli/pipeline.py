@@ -381,7 +381,13 @@ def quantize_checkpoint(
 
     progress.start(checkpoint.data_bytes)
     tensors = []
-    if as_ct:
+    if not checkpoint.sharded and not as_ct:
+        shard = checkpoint.shards[0]
+        check_output_path(target, [shard.path], force)
+        stats = _quantize_shard(shard, plans[shard.path.name], target, progress, chunk_bytes,
+                                error_stats, options)
+        tensors = report_for(shard, stats)
+    else:  # a folder: sharded input, or the compressed-tensors export
         _check_folder_output(target, checkpoint, force)
         shard_tensors = {}
         with StagedFolder(target, force) as staging:
@@ -394,27 +400,10 @@ def quantize_checkpoint(
             if checkpoint.sharded:
                 _write_index(checkpoint, staging.path, shard_tensors)
                 _copy_companions(checkpoint, staging.path)
-            ctformat.write_config(staging.path, checkpoint.folder / "config.json",
-                                  ctformat.quantization_config(scheme, _ct_ignore(all_plans)))
-            staging.publish()
-    elif not checkpoint.sharded:
-        shard = checkpoint.shards[0]
-        check_output_path(target, [shard.path], force)
-        stats = _quantize_shard(shard, plans[shard.path.name], target, progress, chunk_bytes,
-                                error_stats, options)
-        tensors = report_for(shard, stats)
-    else:
-        _check_folder_output(target, checkpoint, force)
-        shard_tensors = {}
-        with StagedFolder(target, force) as staging:
-            for shard in checkpoint.shards:
-                shard_plans = plans[shard.path.name]
-                stats = _quantize_shard(shard, shard_plans, staging.path / shard.path.name,
-                                        progress, chunk_bytes, error_stats, options)
-                tensors += report_for(shard, stats)
-                shard_tensors[shard.path.name] = planned_outputs(shard_plans)
-            _write_index(checkpoint, staging.path, shard_tensors)
-            _copy_companions(checkpoint, staging.path)
+            if as_ct:
+                ctformat.write_config(
+                    staging.path, checkpoint.folder / "config.json",
+                    ctformat.quantization_config(scheme, _ct_ignore(all_plans)))
             staging.publish()
     return QuantizeReport(checkpoint.source, target, scheme, _by_name(tensors))
 

@@ -68,6 +68,12 @@ def _db(value: float) -> str:
     return "exact" if math.isinf(value) and value > 0 else f"{value:.2f}"
 
 
+def _stats_cells(stats: ErrorStats) -> tuple[str, str, str, str]:
+    """MSE, max abs error, SQNR and cosine, as the tables show them."""
+    return (f"{stats.mse:.3g}", f"{stats.max_abs_error:.3g}", _db(stats.sqnr_db),
+            f"{stats.cosine_similarity:.6f}")
+
+
 def _json_number(value: float) -> float | None:
     # JSON has no infinity; an exact round trip has no finite SQNR.
     return None if math.isinf(value) or math.isnan(value) else value
@@ -126,10 +132,8 @@ def quantize_table(report: QuantizeReport) -> Table:
             table.add_row(_name(tensor.name), _shape(tensor.shape), dtype, label,
                           "", "", "", "")
         else:
-            stats = tensor.stats
             table.add_row(_name(tensor.name), _shape(tensor.shape), dtype, label,
-                          f"{stats.mse:.3g}", f"{stats.max_abs_error:.3g}",
-                          _db(stats.sqnr_db), f"{stats.cosine_similarity:.6f}")
+                          *_stats_cells(tensor.stats))
     return table
 
 
@@ -370,10 +374,8 @@ def diff_view(report: DiffReport) -> Group:
     for heading in ("MSE", "Max abs err", "SQNR dB", "Cosine"):
         table.add_column(heading, justify="right")
     for tensor in report.compared:
-        stats = tensor.stats
         table.add_row(_name(tensor.name), _shape(tensor.shape), tensor.a, tensor.b,
-                      f"{stats.mse:.3g}", f"{stats.max_abs_error:.3g}", _db(stats.sqnr_db),
-                      f"{stats.cosine_similarity:.6f}")
+                      *_stats_cells(tensor.stats))
     lines: list[Any] = [table]
     pooled = report.pooled_stats
     lines.append(Text(f"Compared {len(report.compared)} tensors: pooled SQNR "
