@@ -48,7 +48,6 @@ from .qzformat import (
     KEY_VERSION,
     PENDING_HASH,
     provenance,
-    QuantizedEntry,
     is_quantized,
     plain_metadata,
     check_stored_values,

@@ -15,7 +15,6 @@ from click.testing import CliRunner
 
 from conftest import raw_safetensors, read_with_safetensors, sha256, to_array, write_safetensors
 from quantize_cli import __version__
-from quantize_cli.cli.main import qz
 from test_cli_quantize import run_fail, run_ok
 
 

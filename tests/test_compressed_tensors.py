@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import raw_safetensors, read_with_safetensors, to_array
-from quantize_cli.cli.main import qz
 from test_cli_quantize import run_fail, run_ok
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_weights"
