@@ -98,7 +98,7 @@ class _progress_for:
     """Context manager giving a progress reporter: a bar on a terminal, else nothing."""
 
     def __init__(self, quiet: bool) -> None:
-        stderr = click.get_text_stream("stderr")
+        stderr = sys.stderr
         self.enabled = not quiet and stderr.isatty()
         self.bar: Progress | None = None
         if self.enabled:
@@ -124,7 +124,7 @@ class _progress_for:
 
 
 def _stdout_console() -> Any:
-    stdout = click.get_text_stream("stdout")
+    stdout = sys.stdout
     return render.make_console(stdout, terminal=stdout.isatty())
 
 
