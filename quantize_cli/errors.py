@@ -50,10 +50,6 @@ class LayoutError(InputError):
     """The data section does not match the header (overlap, hole, truncation, size)."""
 
 
-class UnsupportedDtypeError(InputError):
-    """A tensor's dtype is valid safetensors but cannot be used for the requested job."""
-
-
 class NonFiniteValuesError(InputError):
     """A tensor selected for quantization holds NaN or infinity."""
 

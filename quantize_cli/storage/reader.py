@@ -8,7 +8,6 @@ ordinary error here ("input changed while reading").
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import queue
 import stat
@@ -20,7 +19,7 @@ from typing import TypeVar
 import numpy as np
 
 from ..errors import InputError, LayoutError, located
-from .dtypes import DTYPE_BITS, FLOAT_DTYPES, numpy_dtype
+from .dtypes import numpy_dtype
 from .header import Header, TensorEntry, parse_header, read_header_length
 
 #: Default size of one read when streaming a tensor (bytes of the stored dtype).
@@ -158,14 +157,6 @@ def byte_chunks(entry: TensorEntry, chunk_bytes: int) -> list[tuple[int, int]]:
     """Byte ranges of at most ``chunk_bytes`` covering the tensor."""
     return [(start, min(entry.nbytes, start + chunk_bytes))
             for start in range(0, entry.nbytes, chunk_bytes)]
-
-
-def is_float(entry: TensorEntry) -> bool:
-    return entry.dtype in FLOAT_DTYPES
-
-
-def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * DTYPE_BITS[dtype] // 8
 
 
 def prefetched(items: Iterator[T]) -> Iterator[T]:
