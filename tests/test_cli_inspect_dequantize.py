@@ -152,7 +152,7 @@ def test_dequantize_refuses_damaged_qz_files(runner: CliRunner, tmp_path: Path,
 
 
 def test_every_command_has_help_with_an_example(runner: CliRunner) -> None:
-    for command in ([], ["quantize"], ["inspect"], ["dequantize"]):
+    for command in ([], ["quantize"], ["inspect"], ["dequantize"], ["diff"], ["explain"]):
         stdout = run_ok(runner, *command, "--help")
         assert "Example" in stdout
 
