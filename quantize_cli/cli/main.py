@@ -251,8 +251,9 @@ def quantize(
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 @reports_errors
 def inspect(input_path: Path, as_json: bool) -> None:
-    """Show what INPUT holds, from its headers only: tensors, dtypes, shapes, sizes,
-    which tensors are quantized and how, metadata and totals.
+    """Show what INPUT holds, from its headers: tensors, dtypes, shapes, sizes, which
+    tensors are quantized and how (by qz or in the compressed-tensors format), metadata
+    and totals.
 
     \b
     Example:
@@ -277,8 +278,8 @@ def inspect(input_path: Path, as_json: bool) -> None:
 @reports_errors
 def dequantize(input_path: Path, output: Path | None, dtype: str, force: bool,
                quiet: bool) -> None:
-    """Turn a qz-quantized INPUT back into a float checkpoint: the original tensor names,
-    shapes and dtypes, a drop-in replacement for the original.
+    """Turn a qz-quantized INPUT (or a compressed-tensors one) back into a float
+    checkpoint: the original tensor names, shapes and dtypes, a drop-in replacement.
 
     \b
     Example:
