@@ -9,7 +9,7 @@ axis, so memory stays bounded by a chunk.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +19,8 @@ import numpy as np
 from .core.quantize import as_float32, dequantize_rows
 from .core.stats import ErrorStats, error_stats
 from .errors import DtypeRangeError, NonFiniteValuesError, QuantizedFormatError, located
-from .qzformat import (
-    QuantizedEntry,
-    check_stored_values,
-    is_quantized,
-    read_quantized_entries,
-)
+from .qzformat import check_stored_values
+from .restore import Restore, find_restores, read_rows
 from .storage.checkpoint import Checkpoint, open_checkpoint
 from .storage.dtypes import FLOAT_DTYPES, numpy_dtype
 from .storage.header import TensorEntry
@@ -43,12 +39,13 @@ class LogicalTensor:
     dtype: str  # the original dtype for a quantized tensor
     shard: Path
     entry: TensorEntry  # the stored tensor (the codes, for a quantized one)
-    quantized: QuantizedEntry | None = None
+    quantized: Restore | None = None
 
     def label(self) -> str:
         if self.quantized is None:
             return self.dtype
-        return f"I8 {self.quantized.scheme.describe()} (from {self.dtype})"
+        layout = "compressed-tensors " if self.quantized.foreign else ""
+        return f"I8 {layout}{self.quantized.scheme.describe()} (from {self.dtype})"
 
 
 @dataclass(frozen=True)
@@ -83,21 +80,24 @@ class DiffReport:
         return not (self.only_in_a or self.only_in_b or self.shape_mismatches)
 
 
-def logical_tensors(checkpoint: Checkpoint) -> dict[str, LogicalTensor]:
-    """The tensors of a checkpoint as the model sees them: a qz file's scales and zero
-    points are folded into the tensors they belong to."""
+def logical_tensors(
+    checkpoint: Checkpoint, reader_for: Callable[[Path], SafetensorsReader]
+) -> dict[str, LogicalTensor]:
+    """The tensors of a checkpoint as the model sees them: the scales and zero points of
+    a quantized file (qz or compressed-tensors) are folded into their tensors."""
     tensors = {}
     for shard in checkpoint.shards:
-        quantized = ({e.name: e for e in read_quantized_entries(shard.header, shard.path)}
-                     if is_quantized(shard.header) else {})
-        companions = {name for e in quantized.values() for name in e.companion_names()}
+        restores = find_restores(reader_for(shard.path))
+        by_codes = {restore.codes: restore for restore in restores.values()}
+        stored = {name for restore in restores.values() for name in restore.stored}
         for entry in shard.header.tensors:
-            if entry.name in companions:
-                continue
-            described = quantized.get(entry.name)
-            dtype = entry.dtype if described is None else described.original_dtype
-            tensors[entry.name] = LogicalTensor(entry.name, entry.shape, dtype, shard.path,
-                                                entry, described)
+            restore = by_codes.get(entry.name)
+            if restore is not None:
+                tensors[restore.name] = LogicalTensor(restore.name, restore.shape,
+                                                      restore.dtype, shard.path, entry, restore)
+            elif entry.name not in stored:
+                tensors[entry.name] = LogicalTensor(entry.name, entry.shape, entry.dtype,
+                                                    shard.path, entry)
     return tensors
 
 
@@ -111,10 +111,6 @@ def diff_checkpoints(a: str | Path, b: str | Path, chunk_bytes: int = CHUNK_BYTE
         QzError: either checkpoint is invalid, or a compared tensor holds NaN or ±inf.
     """
     left, right = open_checkpoint(a), open_checkpoint(b)
-    left_tensors, right_tensors = logical_tensors(left), logical_tensors(right)
-    report = DiffReport(left.source, right.source, [],
-                        sorted(set(left_tensors) - set(right_tensors)),
-                        sorted(set(right_tensors) - set(left_tensors)))
     with ExitStack() as stack:
         readers: dict[Path, SafetensorsReader] = {}
 
@@ -123,6 +119,11 @@ def diff_checkpoints(a: str | Path, b: str | Path, chunk_bytes: int = CHUNK_BYTE
                 readers[path] = stack.enter_context(SafetensorsReader(path))
             return readers[path]
 
+        left_tensors = logical_tensors(left, reader_for)
+        right_tensors = logical_tensors(right, reader_for)
+        report = DiffReport(left.source, right.source, [],
+                            sorted(set(left_tensors) - set(right_tensors)),
+                            sorted(set(right_tensors) - set(left_tensors)))
         for name in sorted(set(left_tensors) & set(right_tensors)):
             one, other = left_tensors[name], right_tensors[name]
             if one.shape != other.shape:
@@ -174,30 +175,17 @@ def _read_slices(
         raw = np.empty((stop - start) * per_slice, dtype=dtype)
         reader.read_into(entry, start * per_slice * dtype.itemsize, raw)
         return as_float32(raw) if entry.dtype in FLOAT_DTYPES else raw.astype(np.float32)
-    scheme = tensor.quantized.scheme
-    rows, columns = scheme.row_view_shape(tensor.shape)
+    restore = tensor.quantized
+    rows = restore.scheme.row_view_shape(tensor.shape)[0]
     leading = tensor.shape[0] if len(tensor.shape) >= 2 else 1
     # Rows of the scheme's row view per slice of the first axis (a whole number for every
     # granularity, since its rows never cross a slice).
     per = rows // leading if leading else 0
-    first, last = start * per, stop * per
-    codes = np.empty((last - first, columns), dtype=np.int8)
-    reader.read_into(entry, first * columns, codes)
-    header = reader.header
-    parameters = []
-    for name in tensor.quantized.companion_names():
-        stored = header[name]
-        if scheme.granularity == "tensor":
-            parameters.append(reader.read_tensor(stored).reshape(1, 1))
-            continue
-        groups = scheme.groups_per_row(columns)
-        part = np.empty((last - first, groups), dtype=numpy_dtype(stored.dtype))
-        reader.read_into(stored, first * groups * part.itemsize, part)
-        parameters.append(part)
-    zero_point = parameters[1] if len(parameters) > 1 else None
-    check_stored_values(reader.path, tensor.name, scheme, codes, parameters[0])
+    codes, scale, zero_point = read_rows(reader, restore, start * per, stop * per)
+    check_stored_values(reader.path, tensor.name, restore.scheme, codes, scale,
+                        check_codes=not restore.foreign)
     try:
-        return dequantize_rows(codes, parameters[0], zero_point, scheme).reshape(-1)
+        return dequantize_rows(codes, scale, zero_point, restore.scheme).reshape(-1)
     except DtypeRangeError:
         raise QuantizedFormatError(located(reader.path, tensor.name, "scales too large: the "
                                            "values overflow float32")) from None

@@ -52,10 +52,10 @@ from .qzformat import (
     plain_metadata,
     check_stored_values,
     quantized_metadata,
-    read_quantized_entries,
     scale_name,
     zero_point_name,
 )
+from .restore import Restore, find_restores, read_rows
 from .storage.checkpoint import Checkpoint, Shard, open_checkpoint
 from .storage.dtypes import DTYPE_BITS, OUTPUT_DTYPES, numpy_dtype
 from .storage.header import TensorEntry
@@ -655,75 +655,6 @@ def _locate_non_finite(
 # ------------------------------------------------------------------------- dequantize
 
 
-@dataclass(frozen=True)
-class Restore:
-    """How one stored weight becomes floats again: a qz tensor, or a compressed-tensors
-    one (pack-quantized or int-quantized)."""
-
-    name: str  # the restored tensor's name
-    shape: tuple[int, ...]
-    dtype: str  # the dtype it is restored to by default
-    scheme: Scheme
-    codes: str  # the stored tensor with the codes
-    scale: str
-    zero_point: str | None
-    packed: bool = False  # codes stored as compressed-tensors' weight_packed
-    foreign: bool = False
-    extra: tuple[str, ...] = ()  # other stored tensors that belong to it (weight_shape)
-
-    @property
-    def stored(self) -> set[str]:
-        names = {self.codes, self.scale, *self.extra}
-        return names | ({self.zero_point} if self.zero_point else set())
-
-
-def _restores(reader: SafetensorsReader) -> dict[str, Restore]:
-    """What a shard's quantized weights are, by the name of the restored tensor.
-
-    Raises:
-        QuantizedFormatError: neither a qz file nor one with compressed-tensors weights.
-    """
-    header, path = reader.header, reader.path
-    if is_quantized(header):
-        return {entry.name: Restore(entry.name, header[entry.name].shape,
-                                    entry.original_dtype, entry.scheme, entry.name,
-                                    scale_name(entry.name),
-                                    None if entry.scheme.symmetric else zero_point_name(entry.name))
-                for entry in read_quantized_entries(header, path)}
-    foreign = ctformat.find_foreign(header, _packed_shapes(reader))
-    if not foreign:
-        raise QuantizedFormatError(located(path, None, "not a qz-quantized file (no "
-                                           f"{KEY_FORMAT_VERSION} metadata) nor a "
-                                           "compressed-tensors one"))
-    restores = {}
-    for entry in foreign:
-        granularity = "block" if entry.strategy == "group" else entry.strategy
-        scheme = Scheme("affine" if entry.zero_point else "absmax", granularity,  # type: ignore[arg-type]
-                        entry.group_size if granularity == "block" else None)
-        restores[entry.name] = Restore(
-            entry.name, entry.shape, entry.dtype, scheme, entry.codes, entry.scale,
-            entry.zero_point, packed=entry.layout == "pack-quantized", foreign=True,
-            extra=tuple(n for n in (entry.name + ctformat.SHAPE,) if n in header))
-    return restores
-
-
-def _packed_shapes(reader: SafetensorsReader) -> dict[str, tuple[int, ...]]:
-    """The original shapes of compressed-tensors' packed weights (from X.weight_shape)."""
-    shapes = {}
-    for entry in reader.header.tensors:
-        if entry.name.endswith(ctformat.PACKED):
-            shape_name = entry.name.removesuffix(ctformat.PACKED) + ctformat.SHAPE
-            if shape_name in reader.header:
-                stored = reader.header[shape_name]
-                if stored.dtype in ("I64", "I32") and stored.shape == (2,):
-                    values = reader.read_tensor(stored)
-                    shape = tuple(int(v) for v in values)
-                    if all(v > 0 for v in shape) and shape[1] == entry.shape[1] * 4 \
-                            and shape[0] == entry.shape[0]:
-                        shapes[entry.name] = shape
-    return shapes
-
-
 def dequantize_checkpoint(
     source: str | Path,
     output: str | Path | None = None,
@@ -748,7 +679,11 @@ def dequantize_checkpoint(
     restores = {}
     for shard in checkpoint.shards:
         with SafetensorsReader(shard.path) as reader:
-            restores[shard.path.name] = _restores(reader)
+            restores[shard.path.name] = find_restores(reader)
+            if not restores[shard.path.name]:
+                raise QuantizedFormatError(located(
+                    shard.path, None, f"not a qz-quantized file (no {KEY_FORMAT_VERSION} "
+                    "metadata) nor a compressed-tensors one"))
     target = Path(output) if output is not None else default_output(checkpoint, "dequant")
 
     def shard_outputs(shard: Shard) -> list[PlannedTensor]:
@@ -846,28 +781,8 @@ def _dequantize_reads(
         if restore is None:
             yield from reader.iter_bytes(header[tensor.name], chunk_bytes)
             continue
-        scheme = restore.scheme
-        columns = scheme.row_view_shape(restore.shape)[1]
-        groups = 1 if scheme.granularity == "tensor" else scheme.groups_per_row(columns)
         for start, stop in _dequantize_row_chunks(restore, chunk_bytes):
-            codes = np.empty((stop - start, columns), dtype=np.uint8 if restore.packed else np.int8)
-            reader.read_into(header[restore.codes], start * columns, codes)
-            if restore.packed:  # compressed-tensors stores q + 128
-                codes = np.bitwise_xor(codes, np.uint8(0x80)).view(np.int8)
-            parameters = []
-            for name in (restore.scale, restore.zero_point):
-                if name is None:
-                    parameters.append(None)
-                    continue
-                stored = header[name]
-                if scheme.granularity == "tensor":
-                    values = reader.read_tensor(stored).reshape(1, 1)
-                else:
-                    values = np.empty((stop - start, groups), dtype=numpy_dtype(stored.dtype))
-                    reader.read_into(stored, start * groups * values.itemsize, values)
-                parameters.append(values)
-            scale = parameters[0].astype(np.float32)  # exact: scales are float16/32 or bf16
-            yield codes, scale, parameters[1]
+            yield read_rows(reader, restore, start, stop)
 
 
 def _dequantize_tensor(
@@ -918,11 +833,7 @@ def inspect_checkpoint(source: str | Path) -> InspectReport:
         if is_quantized(header) or any(t.name.endswith((ctformat.PACKED, ctformat.SCALE))
                                        for t in header.tensors):
             with SafetensorsReader(shard.path) as reader:
-                try:
-                    restores = _restores(reader)
-                except QuantizedFormatError:
-                    if is_quantized(header):
-                        raise
+                restores = find_restores(reader)
         if any(restore.foreign for restore in restores.values()):
             foreign_format = ctformat.FORMAT
         by_codes = {restore.codes: restore for restore in restores.values()}
