@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -78,13 +79,13 @@ def main() -> None:
         expected_codes, _ = baseline(x, 128)
         assert np.array_equal(quantize_rows(x, scheme).codes, expected_codes), method
         print(f"{method} block 128")
-        plain = measure("straightforward numpy", lambda: baseline(x, 128))
+        plain = measure("straightforward numpy", partial(baseline, x, 128))
         set_num_threads(1)
-        measure("qz, 1 thread", lambda: quantize_rows(x, scheme))
+        measure("qz, 1 thread", partial(quantize_rows, x, scheme))
         set_num_threads(threads)
-        fast = measure(f"qz, {threads} threads", lambda: quantize_rows(x, scheme))
+        fast = measure(f"qz, {threads} threads", partial(quantize_rows, x, scheme))
         with_stats = measure(f"qz, {threads} threads, with error statistics",
-                             lambda: quantize_rows(x, scheme, with_stats=True))
+                             partial(quantize_rows, x, scheme, with_stats=True))
         print(f"  → qz is {plain / fast:.1f}× the straightforward version; error "
               f"statistics add {100 * (with_stats / fast - 1):.0f}%\n")
 

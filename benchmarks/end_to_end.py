@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from quantize_cli.core import Scheme
-from quantize_cli.pipeline import dequantize_checkpoint, quantize_checkpoint
+from quantize_cli.jobs import dequantize_checkpoint, quantize_checkpoint
 from quantize_cli.storage.writer import PlannedTensor, SafetensorsWriter
 
 PIECE = 64 * 1024 * 1024
@@ -125,8 +125,8 @@ def main() -> None:
     quantize = seconds["qz quantize"]
     print(f"\n  qz quantize runs at {100 * floor / quantize:.0f}% of the I/O floor's throughput "
           f"({100 * floor / seconds['qz quantize, no input hash']:.0f}% without the input hash)")
-    print(f"  error statistics add {100 * (quantize / seconds['qz quantize, no error statistics'] - 1):.0f}% "
-          "to quantize time")
+    no_stats = seconds["qz quantize, no error statistics"]
+    print(f"  error statistics add {100 * (quantize / no_stats - 1):.0f}% to quantize time")
     dequantize_rate = output_size / seconds["qz dequantize (to BF16)"]
     print(f"  dequantize takes {seconds['qz dequantize (to BF16)'] / quantize:.2f}× the time of "
           f"quantize (reading {dequantize_rate / 1e9:.2f} GB/s of INT8)")

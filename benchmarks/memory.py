@@ -3,11 +3,12 @@
     python benchmarks/memory.py [--sizes-gb 1 3] [--folder benchmarks/out]
 
 Each checkpoint holds BF16 tensors of 8192×16384 (256 MiB each, the largest tensor the
-bound is stated for), as many as it takes to reach the size. qz runs as a child process (`python -m quantize_cli`), and its peak resident
-set size comes from the kernel (``os.wait4``'s ru_maxrss). The bound to meet is
-300 MB + 1.5 × the largest tensor in float32 (here 300 + 1.5 × 537 = 1105 MB); with
-chunked streaming the peak should not depend on the tensor size or on the checkpoint size,
-which a third checkpoint, one tensor of 16384×32768 (1 GiB of BF16), checks.
+bound is stated for), as many as it takes to reach the size. qz runs as a child process
+(`python -m quantize_cli`), and its peak resident set size comes from the kernel
+(``os.wait4``'s ru_maxrss). The bound to meet is 300 MB + 1.5 × the largest tensor in
+float32 (here 300 + 1.5 × 537 = 1105 MB); with chunked streaming the peak should not
+depend on the tensor size or on the checkpoint size, which a third checkpoint, one tensor
+of 16384×32768 (1 GiB of BF16), checks.
 """
 
 from __future__ import annotations

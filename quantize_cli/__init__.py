@@ -11,7 +11,7 @@ The library API is the pure-numpy core::
 
 __version__ = "1.0.0"
 
-from .core import (  # noqa: E402
+from .core import (
     ErrorStats,
     QuantizedTensor,
     Scheme,
@@ -19,7 +19,7 @@ from .core import (  # noqa: E402
     error_stats,
     quantize,
 )
-from .errors import QzError  # noqa: E402
+from .errors import QzError
 
 __all__ = [
     "ErrorStats",

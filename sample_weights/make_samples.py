@@ -57,7 +57,7 @@ def make_digits_mlp() -> None:
     model.fit(train_x / 16.0, train_y)
     accuracy = float(model.score(test_x / 16.0, test_y))
     tensors: dict[str, np.ndarray] = {}
-    for layer, (weight, bias) in enumerate(zip(model.coefs_, model.intercepts_)):
+    for layer, (weight, bias) in enumerate(zip(model.coefs_, model.intercepts_, strict=True)):
         # scikit-learn stores (in, out); checkpoints conventionally store (out, in).
         tensors[f"layers.{layer}.weight"] = np.ascontiguousarray(weight.T, dtype=np.float32)
         tensors[f"layers.{layer}.bias"] = bias.astype(np.float32)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
-
-import os
 
 import ml_dtypes
 import numpy as np
@@ -22,7 +21,8 @@ from hypothesis import settings
 settings.register_profile("default", max_examples=200)
 settings.register_profile("ci", max_examples=200, derandomize=True, print_blob=True)
 settings.register_profile("long", max_examples=5000)
-settings.load_profile(os.environ.get("QZ_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
+settings.load_profile(os.environ.get("QZ_HYPOTHESIS_PROFILE",
+                                     "ci" if os.environ.get("CI") else "default"))
 
 CODES = {
     np.dtype(np.float64): "F64",
@@ -55,7 +55,8 @@ def raw_safetensors(
     return struct.pack("<Q", len(text)) + text + b"".join(d for _, _, d in tensors.values())
 
 
-def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+def safetensors_bytes(arrays: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> bytes:
     return raw_safetensors(
         {name: (CODES[a.dtype], list(a.shape), np.ascontiguousarray(a).tobytes())
          for name, a in arrays.items()},
@@ -69,7 +70,9 @@ def write_safetensors(path: Path, arrays: dict[str, np.ndarray],
     return path
 
 
-def read_with_safetensors(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, list[int], bytes]]]:
+def read_with_safetensors(
+    path: Path,
+) -> tuple[dict[str, str], dict[str, tuple[str, list[int], bytes]]]:
     """Metadata and raw tensors as the real safetensors library reads them."""
     import safetensors
 
@@ -99,6 +102,28 @@ def snapshot(folder: Path) -> dict[str, str]:
     """Every file below ``folder`` (hidden ones too) with its hash."""
     return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*"))
             if p.is_file()}
+
+
+def run_ok(runner: CliRunner, *args: str) -> str:
+    """Run a qz command that must succeed quietly on stderr; return its stdout."""
+    from quantize_cli.cli.main import qz
+
+    result = runner.invoke(qz, list(args))
+    assert result.exit_code == 0, result.output + result.stderr
+    assert result.stderr == ""
+    return result.stdout
+
+
+def run_fail(runner: CliRunner, code: int, *args: str) -> str:
+    """Run a qz command that must fail with ``code``, nothing on stdout and no
+    traceback; return its stderr."""
+    from quantize_cli.cli.main import qz
+
+    result = runner.invoke(qz, list(args))
+    assert result.exit_code == code, result.output
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    return result.stderr
 
 
 @pytest.fixture

@@ -1,11 +1,24 @@
-"""The layering rules of the package, checked from the imports of each module."""
+"""The layering rules of the package, checked from the imports of each module:
+
+    core → storage → formats → jobs → cli
+
+Each layer imports only from the layers before it; the core does no I/O; only the CLI
+imports click or rich; only the storage layer touches file descriptors; and neither the
+jobs nor the CLI branch on an on-disk format (a new format is a new codec module)."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "quantize_cli"
+LAYERS = ["core", "storage", "formats", "jobs", "cli"]
+#: What the jobs and the CLI may take from the formats package: the codec interface and
+#: the registry, never a codec of their own choosing.
+FORMAT_INTERFACE = {"FORMATS", "DEFAULT_FORMAT", "Codec", "QuantizedWeight", "Role",
+                    "StoredRows", "StoredTensor", "StoredWeight", "codec_for", "detect"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -22,8 +35,29 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+def package_layer(path: Path, module: str) -> str | None:
+    """The layer a relative import from ``path`` lands in (None: the package root)."""
+    dots = len(module) - len(module.lstrip("."))
+    base = path.parent
+    for _ in range(dots - 1):
+        base = base.parent
+    target = (base / module.lstrip(".").replace(".", "/")).relative_to(PACKAGE)
+    first = target.parts[0] if target.parts else ""
+    return first if first in LAYERS else None
+
+
 def modules(folder: str = "") -> list[Path]:
     return sorted((PACKAGE / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_each_layer_imports_only_from_the_layers_before_it(layer: str) -> None:
+    allowed = set(LAYERS[: LAYERS.index(layer) + 1])
+    for path in modules(layer):
+        for module in imported_modules(path):
+            if module.startswith("."):
+                found = package_layer(path, module)
+                assert found is None or found in allowed, (path, module)
 
 
 def test_only_the_cli_imports_click_or_rich() -> None:
@@ -51,3 +85,22 @@ def test_only_the_storage_layer_touches_file_descriptors() -> None:
         text = path.read_text()
         for call in ("os.replace", "os.pwrite", "os.pread", "os.fsync", "mkstemp"):
             assert call not in text, (path, call)
+
+
+@pytest.mark.parametrize("layer", ["jobs", "cli"])
+def test_jobs_and_cli_do_not_branch_on_a_format(layer: str) -> None:
+    from quantize_cli.formats import FORMATS
+
+    names = set(FORMATS)
+    for path in modules(layer):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and "formats" in node.module:
+                assert node.module.split(".")[-1] == "formats", (path, node.module)
+                taken = {alias.name for alias in node.names}
+                assert taken <= FORMAT_INTERFACE, (path, taken - FORMAT_INTERFACE)
+            if isinstance(node, (ast.Compare, ast.Dict, ast.Subscript, ast.MatchValue)):
+                for constant in ast.walk(node):
+                    if isinstance(constant, ast.Constant) and constant.value in names:
+                        raise AssertionError(f"{path}:{node.lineno} names the format "
+                                             f"{constant.value!r}")

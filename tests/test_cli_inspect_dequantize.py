@@ -13,9 +13,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import raw_safetensors, read_with_safetensors, sha256, to_array, write_safetensors
+from conftest import (
+    raw_safetensors,
+    read_with_safetensors,
+    run_fail,
+    run_ok,
+    sha256,
+    to_array,
+    write_safetensors,
+)
 from quantize_cli import __version__
-from test_cli_quantize import run_fail, run_ok
 
 
 @pytest.fixture
@@ -27,7 +34,7 @@ def quantized(runner: CliRunner, small_model: Path) -> Path:
 def test_inspect_plain_file(runner: CliRunner, small_model: Path) -> None:
     stdout = run_ok(runner, "inspect", str(small_model))
     assert "a.weight" in stdout and "BF16" in stdout and "8×160" in stdout
-    assert "5 tensors, 5,544 parameters" in stdout and "not quantized by qz" in stdout
+    assert "5 tensors, 5,544 parameters" in stdout and "not quantized" in stdout
     assert "format" in stdout and "pt" in stdout  # metadata
 
 
@@ -40,16 +47,18 @@ def test_inspect_quantized_file(runner: CliRunner, quantized: Path) -> None:
 
 def test_inspect_json(runner: CliRunner, quantized: Path) -> None:
     report = json.loads(run_ok(runner, "inspect", str(quantized), "--json"))
-    assert report["qz_format_version"] == "1"
+    assert report["schema_version"] == 2
+    assert (report["format"], report["format_version"]) == ("qz", "1")
     tensors = {t["name"]: t for t in report["tensors"]}
-    assert tensors["a.weight"]["role"] == "quantized"
+    assert tensors["a.weight"]["role"] == "codes"
+    assert tensors["a.weight"]["stored_as"] == "INT8 affine block 64"
     assert tensors["a.weight"]["scheme"] == {"method": "affine", "granularity": "block",
                                              "block": 64, "clip": "none"}
     assert tensors["a.weight"]["original_dtype"] == "BF16"
     assert tensors["a.weight_zero_point"] == {
         "name": "a.weight_zero_point", "dtype": "I8", "shape": [8, 3], "bytes": 24,
         "role": "zero_point", "scheme": None, "original_dtype": None, "of": "a.weight",
-        "shard": None, "layout": "qz"}
+        "shard": None, "stored_as": None}
     assert report["totals"]["bytes"] == quantized.stat().st_size
 
 
@@ -94,8 +103,8 @@ def test_dequantize_unknown_dtype_is_a_usage_error(runner: CliRunner, quantized:
 
 def test_dequantize_refuses_a_plain_file(runner: CliRunner, small_model: Path) -> None:
     stderr = run_fail(runner, 1, "dequantize", str(small_model))
-    assert stderr == (f"Error: {small_model}: not a qz-quantized file "
-                      "(no qz.format_version metadata) nor a compressed-tensors one\n")
+    assert stderr == (f"Error: {small_model}: not a quantized checkpoint: no file is in a "
+                      "format qz reads (qz, compressed-tensors)\n")
 
 
 def test_dequantize_refuses_float16_overflow(runner: CliRunner, tmp_path: Path) -> None:

@@ -11,24 +11,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import read_with_safetensors, sha256, to_array, write_safetensors
+from conftest import read_with_safetensors, run_fail, run_ok, sha256, to_array, write_safetensors
 from quantize_cli import Scheme, quantize
-from quantize_cli.cli.main import qz
-
-
-def run_ok(runner: CliRunner, *args: str) -> str:
-    result = runner.invoke(qz, list(args))
-    assert result.exit_code == 0, result.output + result.stderr
-    assert result.stderr == ""
-    return result.stdout
-
-
-def run_fail(runner: CliRunner, code: int, *args: str) -> str:
-    result = runner.invoke(qz, list(args))
-    assert result.exit_code == code, result.output
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    return result.stderr
 
 
 def test_default_quantize_writes_int8_file_and_prints_the_table(runner: CliRunner,
@@ -163,7 +147,7 @@ def test_already_quantized_input_is_refused(runner: CliRunner, small_model: Path
     run_ok(runner, "quantize", str(small_model), "-q")
     stderr = run_fail(runner, 1, "quantize", str(small_model.with_name("model.int8.safetensors")),
                       "-o", str(small_model.with_name("again.safetensors")))
-    assert "is already quantized by qz (format version 1)" in stderr
+    assert "is already quantized (qz format, version 1)" in stderr
     assert "Hint: run qz dequantize first" in stderr
 
 
@@ -180,7 +164,7 @@ def test_nan_is_refused_and_nothing_is_written(runner: CliRunner, tmp_path: Path
 
 def test_nan_found_in_a_later_chunk_reports_the_whole_tensor(tmp_path: Path) -> None:
     from quantize_cli.errors import NonFiniteValuesError
-    from quantize_cli.pipeline import quantize_checkpoint
+    from quantize_cli.jobs import quantize_checkpoint
 
     values = np.ones((64, 32), np.float32)
     values[40, 5] = np.nan
@@ -249,7 +233,7 @@ def test_output_is_deterministic(runner: CliRunner, small_model: Path) -> None:
 
 
 def test_small_chunks_give_the_same_bytes(tmp_path: Path, small_model: Path) -> None:
-    from quantize_cli.pipeline import quantize_checkpoint
+    from quantize_cli.jobs import quantize_checkpoint
 
     for granularity in ("tensor", "channel", "block"):
         scheme = Scheme("affine", granularity, 64 if granularity == "block" else None)  # type: ignore[arg-type]
@@ -259,7 +243,7 @@ def test_small_chunks_give_the_same_bytes(tmp_path: Path, small_model: Path) -> 
                                       force=True, chunk_bytes=300)  # ~1 row a chunk
         assert (tmp_path / "whole.safetensors").read_bytes() == \
             (tmp_path / "chunked.safetensors").read_bytes()
-        for one, other in zip(whole.tensors, chunked.tensors):
+        for one, other in zip(whole.tensors, chunked.tensors, strict=True):
             if one.stats is not None:
                 assert other.stats is not None
                 assert one.stats.max_abs_error == other.stats.max_abs_error

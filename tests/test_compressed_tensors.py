@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import raw_safetensors, read_with_safetensors, to_array
-from test_cli_quantize import run_fail, run_ok
+from conftest import raw_safetensors, read_with_safetensors, run_fail, run_ok, to_array
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_weights"
 
@@ -71,8 +70,8 @@ def test_reading_int_quantized_checkpoints(tmp_path: Path) -> None:
         "layer.weight_zero_point": ("I8", [2, 1], zero.tobytes()),
         "layer.bias": ("BF16", [2], np.ones(2, ml_dtypes.bfloat16).tobytes())}))
     shown = run_ok(CliRunner(), "inspect", str(path))
-    assert "compressed-tensors int-quantized INT8 channel" in shown
-    assert "compressed-tensors checkpoint, 1 quantized tensors" in shown
+    assert "compressed-tensors int-quantized INT8 affine channel (from BF16)" in shown
+    assert "compressed-tensors format, 1 quantized tensors" in shown
     run_ok(CliRunner(), "dequantize", str(path), "-q")
     _, restored = read_with_safetensors(tmp_path / "ct.dequant.safetensors")
     assert sorted(restored) == ["layer.bias", "layer.weight"]

@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_safetensors
+from conftest import run_fail, run_ok, write_safetensors
 from quantize_cli.cli.main import qz
-from quantize_cli.compare import diff_checkpoints
-from quantize_cli.pipeline import quantize_checkpoint
-from test_cli_quantize import run_fail, run_ok
+from quantize_cli.jobs import diff_checkpoints, quantize_checkpoint
 
 
 def test_float_against_quantized_matches_the_quantize_report(small_model: Path,
@@ -39,12 +37,12 @@ def test_quantized_against_quantized_and_small_chunks(small_model: Path, tmp_pat
     quantize_checkpoint(small_model, other, Scheme("affine", "block", 32))
     whole = diff_checkpoints(one, other)
     chunked = diff_checkpoints(one, other, chunk_bytes=64)
-    for a, b in zip(whole.compared, chunked.compared):
+    for a, b in zip(whole.compared, chunked.compared, strict=True):
         assert a.stats.count == b.stats.count
         assert a.stats.sqnr_db == pytest.approx(b.stats.sqnr_db, rel=1e-9)
     labels = {t.name: (t.a, t.b) for t in whole.compared}
-    assert labels["a.weight"] == ("I8 absmax channel (from BF16)",
-                                  "I8 affine block 32 (from BF16)")
+    assert labels["a.weight"] == ("INT8 absmax channel (from BF16)",
+                                  "INT8 affine block 32 (from BF16)")
 
 
 def test_names_shapes_and_kinds_that_differ(tmp_path: Path) -> None:
@@ -72,7 +70,9 @@ def test_sharded_side_and_errors(tmp_path: Path, small_model: Path) -> None:
                                      str(folder / "tiny_llama_sharded"), "--json"])
     report = json.loads(result.stdout)
     assert report["pooled"]["sqnr_db"] is None  # identical tensors: exact
-    assert len(report["tensors"]) == 28 and not report["only_in_a"]
+    assert len(report["tensors"]) == 27 and not report["only_in_a"]
+    assert report["exact"] == [{"name": "model.position_ids", "shape": [1, 64], "a": "I64",
+                                "b": "I64", "differing_elements": 0}]
     nan = write_safetensors(tmp_path / "nan.safetensors", {
         "a.weight": np.full((8, 160), np.nan, np.float32)})
     stderr = run_fail(CliRunner(), 1, "diff", str(small_model), str(nan))

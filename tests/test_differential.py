@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_reliability import BAD_FILES, header_file, one_tensor, weight_file
+
 from quantize_cli.errors import QzError
 from quantize_cli.storage.reader import SafetensorsReader
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from conftest import safetensors_bytes
 from quantize_cli.errors import QzError
-from quantize_cli.pipeline import dequantize_checkpoint, inspect_checkpoint, quantize_checkpoint
+from quantize_cli.jobs import dequantize_checkpoint, inspect_checkpoint, quantize_checkpoint
 
 rng = np.random.default_rng(7)
 PLAIN_SEED = safetensors_bytes({
@@ -92,8 +92,8 @@ def probe(folder: Path, data: bytes) -> None:
             assert sorted(os.listdir(folder)) == ["m.safetensors"]
 
 
-FUZZ_SETTINGS = dict(deadline=None, database=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ_SETTINGS = {"deadline": None, "database": None,
+                 "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
 
 
 @settings(max_examples=300, **FUZZ_SETTINGS)  # type: ignore[arg-type]

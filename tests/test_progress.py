@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from quantize_cli.pipeline import quantize_checkpoint
+from quantize_cli.jobs import quantize_checkpoint
 
 
 def run_with_terminal_stderr(*args: str) -> tuple[int, str, bytes]:

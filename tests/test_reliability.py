@@ -49,15 +49,18 @@ def weight_file(**arrays: np.ndarray) -> bytes:
 # (id, file bytes, extra CLI arguments, exit code, fragment of stderr)
 BAD_FILES: list[tuple[str, bytes, list[str], int, str]] = [
     ("A05-empty-file", b"", [], 1, "file too short for a safetensors header (0 bytes)"),
-    ("A06-three-bytes", b"\x05\x00\x00", [], 1, "file too short for a safetensors header (3 bytes)"),
+    ("A06-three-bytes", b"\x05\x00\x00", [], 1,
+     "file too short for a safetensors header (3 bytes)"),
     ("B09-length-past-end", struct.pack("<Q", 1000) + b"{}" + b"\0" * 40, [], 1,
      "header length 1,000 exceeds the file size (50 bytes)"),
     ("B10-length-2^40", struct.pack("<Q", 2**40) + b"{}", [], 1,
      "header too large (1,099,511,627,776 bytes; the limit is 100,000,000)"),
     ("B10-length-2^64-1", struct.pack("<Q", 2**64 - 1) + b"{}", [], 1, "header too large"),
-    ("B11-length-0", struct.pack("<Q", 0) + b"{}", [], 1, "header is empty, expected a JSON object"),
+    ("B11-length-0", struct.pack("<Q", 0) + b"{}", [], 1,
+     "header is empty, expected a JSON object"),
     ("C12-not-utf8", header_file(b"\xff\xfe\x7b\x7d"), [], 1, "header is not valid UTF-8 (byte 0)"),
-    ("C13-bom", header_file(b"\xef\xbb\xbf{}"), [], 1, "header must be a JSON object starting with '{'"),
+    ("C13-bom", header_file(b"\xef\xbb\xbf{}"), [], 1,
+     "header must be a JSON object starting with '{'"),
     ("C14-not-json", header_file("{not json}"), [], 1, "header is not valid JSON: Expecting"),
     ("C14-truncated-json", header_file('{"a":'), [], 1, "header is not valid JSON"),
     ("C15-array", header_file("[1,2,3]"), [], 1, "header must be a JSON object"),
@@ -374,7 +377,7 @@ def test_E51_already_quantized(runner: CliRunner, tmp_path: Path) -> None:
     _, output = quantize_ok(runner, tmp_path, {})
     os.remove(tmp_path / "m.safetensors")
     stderr = assert_refused(runner, tmp_path, ["quantize", str(output)], 1,
-                            "is already quantized by qz (format version 1)")
+                            "is already quantized (qz format, version 1)")
     assert "Hint: run qz dequantize first" in stderr
 
 
@@ -473,7 +476,7 @@ ABSMAX = {"method": "absmax", "granularity": "channel", "block": None, "dtype": 
 
 DAMAGED: list[tuple[str, Callable[[Path], Path], str]] = [
     ("I76-plain-file", lambda p: _plain(p),
-     "not a qz-quantized file (no qz.format_version metadata)"),
+     "not a quantized checkpoint: no file is in a format qz reads"),
     ("I77-unknown-version", lambda p: qz_file(p, {"w": CODES, "w_scale": SCALE,
                                                   "w_zero_point": ZERO}, version="99"),
      "unsupported qz format version '99' (this qz reads 1)"),
@@ -532,7 +535,7 @@ def _plain(folder: Path) -> Path:
 def test_damaged_qz_files(runner: CliRunner, tmp_path: Path, command: str,
                           build: Callable[[Path], Path], fragment: str) -> None:
     path = build(tmp_path)
-    if command == "inspect" and ("not a qz" in fragment or "holds" in fragment):
+    if command == "inspect" and ("not a quantized" in fragment or "holds" in fragment):
         return  # inspect shows plain files, and reads no values to check
     assert_refused(runner, tmp_path, [command, str(path)], 1, fragment)
 

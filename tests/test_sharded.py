@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import read_with_safetensors, snapshot, write_safetensors
-from test_cli_quantize import run_fail, run_ok
+from conftest import read_with_safetensors, run_fail, run_ok, snapshot, write_safetensors
 
 SHARD_1 = "model-00001-of-00002.safetensors"
 SHARD_2 = "model-00002-of-00002.safetensors"
@@ -87,7 +86,7 @@ def test_sharded_inspect_and_dry_run(runner: CliRunner, sharded: Path) -> None:
 
 
 def test_small_chunks_give_the_same_sharded_bytes(sharded: Path, tmp_path: Path) -> None:
-    from quantize_cli.pipeline import quantize_checkpoint
+    from quantize_cli.jobs import quantize_checkpoint
 
     quantize_checkpoint(sharded, tmp_path / "whole")
     quantize_checkpoint(sharded, tmp_path / "chunked", chunk_bytes=100)
@@ -139,14 +138,14 @@ def _break(sharded: Path, how: str) -> str:
         del index["weight_map"]
     elif how == "not json":
         index_path.write_text("{oops")
-        return "invalid index file"
+        return "the index file is not valid JSON: Expecting property name"
     elif how == "listed but absent":
         index["weight_map"]["ghost.weight"] = SHARD_2
     elif how == "duplicate index key":
         text = json.dumps(index)
         index_path.write_text(text.replace('"weight_map": {', '"weight_map": {"lm_head.weight": '
                                            f'"{SHARD_2}", ', 1))
-        return "tensor 'lm_head.weight': appears twice in the index"
+        return "duplicate key 'lm_head.weight' in the index file"
     index_path.write_text(json.dumps(index))
     return {
         "wrong shard": f"tensor 'lm_head.weight': is in this shard but is mapped to '{SHARD_1}'",
@@ -213,7 +212,7 @@ def test_folder_without_checkpoint(runner: CliRunner, tmp_path: Path) -> None:
 
 
 def test_one_shard_already_quantized(runner: CliRunner, sharded: Path) -> None:
-    from quantize_cli.pipeline import quantize_checkpoint
+    from quantize_cli.jobs import quantize_checkpoint
 
     quantize_checkpoint(sharded / SHARD_2, sharded.parent / "q.safetensors")
     os.replace(sharded.parent / "q.safetensors", sharded / SHARD_2)
@@ -224,5 +223,5 @@ def test_one_shard_already_quantized(runner: CliRunner, sharded: Path) -> None:
     index_path.write_text(json.dumps(index))
     before = snapshot(sharded.parent)
     stderr = run_fail(runner, 1, "quantize", str(sharded))
-    assert f"{sharded / SHARD_2}: is already quantized by qz (format version 1)" in stderr
+    assert f"{sharded / SHARD_2}: is already quantized (qz format, version 1)" in stderr
     assert snapshot(sharded.parent) == before

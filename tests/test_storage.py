@@ -158,9 +158,9 @@ def test_writer_output_opens_with_safetensors(tmp_path: Path) -> None:
 
 def test_writer_refuses_to_publish_an_incomplete_file(tmp_path: Path) -> None:
     target = tmp_path / "out.safetensors"
-    with pytest.raises(OutputError, match="only 3 of 6 bytes were written"):
-        with SafetensorsWriter(target, [PlannedTensor("w", "I8", (6,))], {}) as writer:
-            writer.write("w", np.zeros(3, np.int8))
+    with SafetensorsWriter(target, [PlannedTensor("w", "I8", (6,))], {}) as writer:
+        writer.write("w", np.zeros(3, np.int8))
+        with pytest.raises(OutputError, match="only 3 of 6 bytes were written"):
             writer.publish()
     assert os.listdir(tmp_path) == []
 
@@ -168,10 +168,14 @@ def test_writer_refuses_to_publish_an_incomplete_file(tmp_path: Path) -> None:
 def test_writer_leaves_nothing_when_interrupted(tmp_path: Path) -> None:
     target = tmp_path / "out.safetensors"
     target.write_bytes(b"previous")
-    with pytest.raises(KeyboardInterrupt):
+
+    def interrupted() -> None:
         with SafetensorsWriter(target, [PlannedTensor("w", "I8", (6,))], {}) as writer:
             writer.write("w", np.zeros(3, np.int8))
             raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted()
     assert os.listdir(tmp_path) == ["out.safetensors"]
     assert target.read_bytes() == b"previous"
 

@@ -27,11 +27,11 @@ from rich.progress import (
 )
 
 from .. import __version__
-from ..compare import diff_checkpoints
 from ..core.explain import explain as explain_steps
-from ..core.scheme import Scheme
+from ..core.scheme import CLIP_CHOICES, Scheme
 from ..errors import QzError
-from ..pipeline import dequantize_checkpoint, inspect_checkpoint, quantize_checkpoint
+from ..formats import DEFAULT_FORMAT, FORMATS
+from ..jobs import dequantize_checkpoint, diff_checkpoints, inspect_checkpoint, quantize_checkpoint
 from ..storage.dtypes import OUTPUT_DTYPES
 from . import render
 
@@ -155,7 +155,7 @@ def qz() -> None:
                    "[default: 128].")
 @click.option("--per-channel", is_flag=True, help="One scale per output channel (row).")
 @click.option("--per-tensor", is_flag=True, help="One scale for the whole tensor.")
-@click.option("--clip", type=click.Choice(["auto", "none", "mse"]), default="auto",
+@click.option("--clip", type=click.Choice(CLIP_CHOICES), default="auto",
               show_default=True,
               help="mse: shrink each group's range where that lowers its squared error. "
                    "auto: mse per tensor (where it gains about 5 dB), none otherwise.")
@@ -172,10 +172,10 @@ def qz() -> None:
               help="Show what would be done and the output size; read headers only.")
 @click.option("--json", "json_target", metavar="FILE|-",
               help="Write the report as JSON to FILE, or to stdout with '-'.")
-@click.option("--format", "export", type=click.Choice(["qz", "compressed-tensors"]),
-              default="qz", show_default=True,
-              help="compressed-tensors: a folder vLLM loads (pack-quantized, absmax, per "
-                   "channel or block 32/64/128), with quantization_config in config.json.")
+@click.option("--format", "format_name", type=click.Choice(list(FORMATS)),
+              default=DEFAULT_FORMAT, show_default=True,
+              help="The on-disk format. " + " ".join(
+                  f"{codec.summary}." for codec in FORMATS.values()))
 @click.option("--no-hash", is_flag=True,
               help="Do not record the input's SHA-256 (saves about 0.7 s of one core per GB).")
 @click.option("--no-stats", is_flag=True,
@@ -196,7 +196,7 @@ def quantize(
     exclude: tuple[str, ...],
     dry_run: bool,
     json_target: str | None,
-    export: str,
+    format_name: str,
     no_hash: bool,
     no_stats: bool,
     force: bool,
@@ -223,8 +223,6 @@ def quantize(
     if chosen and target_sqnr is not None:
         raise click.UsageError(f"--target-sqnr chooses the granularity itself; drop {chosen[0]}")
     granularity = "channel" if per_channel else "tensor" if per_tensor else "block"
-    if clip == "auto":
-        clip = "mse" if granularity == "tensor" else "none"
     if granularity == "block":
         block_size = block_size or 128
     scheme = Scheme(method, granularity, block_size, clip)  # type: ignore[arg-type]
@@ -232,7 +230,7 @@ def quantize(
         report = quantize_checkpoint(
             input_path, output, scheme, include=include, exclude=exclude, force=force,
             dry_run=dry_run, error_stats=not no_stats, target_sqnr=target_sqnr,
-            export=export, hash_source=not no_hash, progress=progress,
+            format=format_name, hash_source=not no_hash, progress=progress,
         )
     document = render.quantize_json(report)
     if json_target == "-":
@@ -252,8 +250,7 @@ def quantize(
 @reports_errors
 def inspect(input_path: Path, as_json: bool) -> None:
     """Show what INPUT holds, from its headers: tensors, dtypes, shapes, sizes, which
-    tensors are quantized and how (by qz or in the compressed-tensors format), metadata
-    and totals.
+    tensors are quantized and how (in any format qz reads), metadata and totals.
 
     \b
     Example:
@@ -278,8 +275,8 @@ def inspect(input_path: Path, as_json: bool) -> None:
 @reports_errors
 def dequantize(input_path: Path, output: Path | None, dtype: str, force: bool,
                quiet: bool) -> None:
-    """Turn a qz-quantized INPUT (or a compressed-tensors one) back into a float
-    checkpoint: the original tensor names, shapes and dtypes, a drop-in replacement.
+    """Turn a quantized INPUT (in any format qz writes) back into a float checkpoint: the
+    original tensor names, shapes and dtypes, a drop-in replacement.
 
     \b
     Example:
@@ -300,7 +297,7 @@ def dequantize(input_path: Path, output: Path | None, dtype: str, force: bool,
 def diff(a: Path, b: Path, as_json: bool) -> None:
     """Compare checkpoint B with checkpoint A, tensor by tensor.
 
-    Either may be a float checkpoint or a qz-quantized one (dequantized on the fly), a
+    Either may be a float checkpoint or a quantized one (dequantized on the fly), a
     file, an index or a folder. Prints the error of B against A for every tensor both
     hold with the same shape, and lists the names and shapes that differ.
 
@@ -340,8 +337,9 @@ def explain(values: tuple[str, ...], method: str, block_size: int | None) -> Non
             numbers.append(float(text))
         except ValueError:
             raise click.BadParameter(f"{text!r} is not a number", param_hint="VALUES") from None
-    scheme = (Scheme(method, "block", block_size) if block_size  # type: ignore[arg-type]
-              else Scheme(method, "tensor", None))  # type: ignore[arg-type]
+    # The tutorial's rule: the full range of each group, never clipped.
+    scheme = Scheme(method, "block" if block_size else "tensor",  # type: ignore[arg-type]
+                    block_size, clip="none")
     _stdout_console().print(render.explain_view(explain_steps(numbers, scheme)))
 
 

@@ -21,14 +21,21 @@ from rich.filesize import decimal
 from rich.table import Table
 from rich.text import Text
 
-from ..compare import DiffReport
 from ..core.explain import Explanation
 from ..core.scheme import Scheme
 from ..core.stats import ErrorStats
-from ..pipeline import DequantizeReport, InspectReport, QuantizeReport, TensorReport
-from ..qzformat import KEY_TENSORS
+from ..jobs.reports import (
+    DequantizeReport,
+    DiffReport,
+    InspectedTensor,
+    InspectReport,
+    QuantizeReport,
+    TensorReport,
+)
 
-JSON_SCHEMA_VERSION = 1
+#: Version of the JSON documents the commands print. 2: ``format`` on quantize and
+#: inspect, tensor roles "codes"/"scale"/"zero_point"/"shape", exact comparisons in diff.
+JSON_SCHEMA_VERSION = 2
 
 
 def display_text(value: str) -> str:
@@ -189,6 +196,7 @@ def quantize_json(report: QuantizeReport) -> dict[str, Any]:
         "dry_run": report.dry_run,
         "input": str(report.source),
         "output": str(report.output),
+        "format": report.format,
         "scheme": scheme_json(report.scheme),
         "tensors": [_tensor_json(tensor) for tensor in report.tensors],
         "totals": {
@@ -207,6 +215,19 @@ def quantize_json(report: QuantizeReport) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- inspect
 
 
+def _stored_as(tensor: InspectedTensor) -> str:
+    """What a stored tensor is: how a quantized weight is stored (on its codes), or what
+    a companion is to its weight."""
+    if tensor.role == "codes":
+        stored = f"{tensor.description} (from {tensor.original_dtype})"
+        if tensor.of != tensor.name:
+            stored += f" → {display_text(tensor.of or '')}"
+        return stored
+    if tensor.role == "tensor":
+        return ""
+    return f"{tensor.role.replace('_', ' ')} of {display_text(tensor.of or '')}"
+
+
 def inspect_table(report: InspectReport) -> Group:
     table = Table()
     table.add_column("Tensor", overflow="fold", min_width=_name_width(report.tensors))
@@ -217,34 +238,20 @@ def inspect_table(report: InspectReport) -> Group:
     table.add_column("Size", justify="right")
     table.add_column("Stored as")
     for tensor in report.tensors:
-        if tensor.role == "quantized" and tensor.layout != "qz":
-            assert tensor.scheme is not None
-            role = (f"compressed-tensors {tensor.layout} INT8 "
-                    f"{tensor.scheme.describe().split(' ', 1)[1]} → "
-                    f"{display_text(tensor.of or tensor.name)} ({tensor.original_dtype})")
-        elif tensor.role == "quantized":
-            assert tensor.scheme is not None
-            role = f"INT8 {tensor.scheme.describe()} (from {tensor.original_dtype})"
-        elif tensor.role in ("scale", "zero_point", "shape"):
-            role = f"{tensor.role.replace('_', ' ')} of {display_text(tensor.of or '')}"
-        else:
-            role = ""
-        cells = [_name(tensor.name)]
+        cells: list[Any] = [_name(tensor.name)]
         if report.sharded:
             cells.append(_name(tensor.shard or ""))
-        cells += [tensor.dtype, _shape(tensor.shape), decimal(tensor.nbytes), Text(role)]
+        cells += [tensor.dtype, _shape(tensor.shape), decimal(tensor.nbytes),
+                  Text(_stored_as(tensor))]
         table.add_row(*cells)
-    quantized = sum(t.role == "quantized" for t in report.tensors)
-    fmt = (f"qz format {report.format_version}" if report.format_version
-           else f"{report.foreign_format} checkpoint" if report.foreign_format
-           else "not quantized by qz")
+    described = "not quantized"
+    if report.format is not None:
+        version = f" {report.format_version}" if report.format_version else ""
+        described = f"{report.format} format{version}, {len(report.quantized)} quantized tensors"
     lines: list[Any] = [Text(display_text(str(report.source)), style="bold"), table, Text(
         f"{len(report.tensors)} tensors, {report.parameter_count:,} parameters, "
-        f"{decimal(report.total_bytes)} in {len(report.shards)} file(s); {fmt}"
-        + (f", {quantized} quantized tensors"
-           if report.format_version or report.foreign_format else "")
-    )]
-    shown = {k: v for k, v in report.metadata.items() if k != KEY_TENSORS}
+        f"{decimal(report.total_bytes)} in {len(report.shards)} file(s); {described}")]
+    shown = {k: v for k, v in report.metadata.items() if k not in report.tensor_metadata_keys}
     if shown:
         metadata = Table(title="Metadata", title_justify="left", show_header=False)
         metadata.add_column("Key", overflow="fold")
@@ -262,8 +269,8 @@ def inspect_json(report: InspectReport) -> dict[str, Any]:
         "input": str(report.source),
         "sharded": report.sharded,
         "files": [{"name": name, "bytes": size} for name, size in report.shards],
-        "qz_format_version": report.format_version,
-        "foreign_format": report.foreign_format,
+        "format": report.format,
+        "format_version": report.format_version,
         "metadata": report.metadata,
         "tensors": [
             {
@@ -272,11 +279,11 @@ def inspect_json(report: InspectReport) -> dict[str, Any]:
                 "shape": list(t.shape),
                 "bytes": t.nbytes,
                 "role": t.role,
+                "of": t.of,
                 "scheme": scheme_json(t.scheme),
                 "original_dtype": t.original_dtype,
-                "of": t.of,
+                "stored_as": t.description,
                 "shard": t.shard,
-                "layout": t.layout,
             }
             for t in report.tensors
         ],
@@ -386,8 +393,17 @@ def diff_view(report: DiffReport) -> Group:
     for name, one, other in report.shape_mismatches:
         lines.append(Text(f"Different shapes: {display_text(name)} {_shape(one)} in A, "
                           f"{_shape(other)} in B"))
-    for name, one, other in report.not_comparable:
-        lines.append(Text(f"Not compared: {display_text(name)} is {one} in A, {other} in B"))
+    for name, label_a, label_b in report.not_comparable:
+        lines.append(Text(f"Not compared: {display_text(name)} is {label_a} in A, {label_b} "
+                          "in B"))
+    if report.exact:
+        differing = [t for t in report.exact if not t.equal]
+        line = (f"Compared exactly: {len(report.exact)} integer or other non-float tensors, "
+                f"{len(report.exact) - len(differing)} equal")
+        if differing:
+            line += "; differ: " + ", ".join(
+                f"{display_text(t.name)} ({t.differing:,} elements)" for t in differing)
+        lines.append(Text(line))
     if report.identical_names_and_shapes:
         lines.append(Text("Same tensor names and shapes on both sides"))
     return Group(*lines)
@@ -406,5 +422,7 @@ def diff_json(report: DiffReport) -> dict[str, Any]:
         "shape_mismatches": [{"name": n, "a": list(a), "b": list(b)}
                              for n, a, b in report.shape_mismatches],
         "not_compared": [{"name": n, "a": a, "b": b} for n, a, b in report.not_comparable],
+        "exact": [{"name": t.name, "shape": list(t.shape), "a": t.a, "b": t.b,
+                   "differing_elements": t.differing} for t in report.exact],
         "pooled": stats_json(report.pooled_stats),
     }

@@ -48,8 +48,14 @@ def group_errors(
     np.clip(codes, lowest, highest, out=codes)
     if zero_point is not None:
         codes -= zero_point[..., None].astype(np.float32)
-    error = groups - codes * scale[..., None]
-    return np.add.reduce(error * error, axis=-1, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        error = groups - codes * scale[..., None]
+        squared: np.ndarray = np.add.reduce(error * error, axis=-1, dtype=np.float64)
+    if not np.isfinite(squared).all():
+        # Values near ±3.4e38 give errors (or their squares) beyond float32: redo in float64.
+        error64 = groups.astype(np.float64) - codes.astype(np.float64) * scale[..., None]
+        squared = np.add.reduce(error64 * error64, axis=-1)
+    return squared
 
 
 def search_factors(
@@ -57,10 +63,13 @@ def search_factors(
 ) -> np.ndarray:
     """The shrink factor (float32, one per group) with the smallest squared error.
 
-    >>> x = np.array([[[0.1, -0.2, 0.05, 0.15, -0.1, 0.12, -0.08, 3.0]]], np.float32)
-    >>> factor = search_factors(x, -np.abs(x).max(-1), np.abs(x).max(-1), "absmax")
-    >>> float(factor[0, 0]) < 1.0
-    True
+    One group of 65,536 heavy-tailed values (Student-t, 3 degrees of freedom): clipping
+    the largest 0.1% gains more on all the others than it costs on them.
+
+    >>> x = np.random.default_rng(0).standard_t(3, (1, 1, 65536)).astype(np.float32)
+    >>> magnitude = np.abs(x).max(-1)
+    >>> round(float(search_factors(x, -magnitude, magnitude, "absmax")[0, 0]), 3)
+    0.825
     """
     best = np.ones(low.shape, dtype=np.float32)
     best_error = group_errors(groups, low, high, best, method)
@@ -110,6 +119,6 @@ def search_tensor_factor(errors_of: Callable[[list[float]], Sequence[float]]) ->
 
 def pick_factor(factors: list[float], errors: list[float]) -> tuple[float, float]:
     """(factor, error) with the smallest error; on ties, the largest factor."""
-    order = sorted(zip(errors, [-f for f in factors]))
+    order = sorted(zip(errors, [-f for f in factors], strict=True))
     error, negative = order[0]
     return -negative, error

@@ -58,7 +58,8 @@ def explain(values: npt.ArrayLike, scheme: Scheme) -> Explanation:
     for index, start in enumerate(range(0, x.size, max(size, 1))):
         part = slice(start, start + size)
         scale = float(quantized.scale.reshape(-1)[index])
-        zero = None if quantized.zero_point is None else int(quantized.zero_point.reshape(-1)[index])
+        zero_points = quantized.zero_point
+        zero = None if zero_points is None else int(zero_points.reshape(-1)[index])
         chunk = x[part]
         if scheme.symmetric:
             low, high = -float(np.abs(chunk).max()), float(np.abs(chunk).max())

@@ -29,6 +29,7 @@ from .scheme import Scheme
 from .stats import ErrorStats
 from .threads import scratch
 
+
 @dataclass(frozen=True)
 class _BitLayout:
     """How to read sign-magnitude float bits as integers, for one storage width."""

@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import SchemeError
+from .scheme import CODE_RANGE
 
 _FLOAT32_TINY = np.float32(np.finfo(np.float32).tiny)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -84,7 +85,8 @@ def _avoid_overflow(
 ) -> tuple[np.ndarray, np.ndarray]:
     """At the very top of float32's range, a scale rounded up would make the extreme code
     dequantize to infinity (127 · fl(3.4028235e38 / 127) overflows): round it down."""
-    reach = np.maximum(127 - zero_point, zero_point + (127 if method == "absmax" else 128))
+    lowest, highest = CODE_RANGE[method]
+    reach = np.maximum(highest - zero_point, zero_point - lowest)
     overflow = reach * scale.astype(np.float64) > _FLOAT32_MAX
     if np.any(overflow):
         scale = np.where(overflow, np.nextafter(scale, np.float32(0)), scale)
@@ -105,7 +107,7 @@ def _check_finite_grid(
     finite grid of that step can honour the s/2 bound there. The check mirrors the
     kernel's float32 arithmetic on the group's extremes, which bound every other value.
     """
-    lowest, highest = (-127, 127) if method == "absmax" else (-128, 127)
+    lowest, highest = CODE_RANGE[method]
     safe = np.where(scale == 0, np.float32(1), scale)
     zero32 = zero_point.astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):

@@ -31,6 +31,8 @@ the scale and zero-point formulas in ``params.py``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,12 +76,31 @@ class RowResult:
     stats: ErrorStats | None
 
 
+def find_non_finite(
+    chunks: Iterable[np.ndarray], shape: tuple[int, ...]
+) -> tuple[int, tuple[int, ...]]:
+    """How many values are NaN or ±inf, and the index (in ``shape``) of the first, over a
+    tensor given as consecutive chunks in C order. Values are judged as float32, so a
+    float64 beyond float32's range counts too. The slow path, taken only on failure.
+
+    >>> find_non_finite([np.array([[1.0, np.nan]]), np.array([[np.inf, 2.0]])], (2, 2))
+    (2, (0, 1))
+    """
+    count, first, offset = 0, None, 0
+    for chunk in chunks:
+        bad = ~np.isfinite(as_float32(chunk))
+        found = int(np.count_nonzero(bad))
+        if found and first is None:
+            first = offset + int(np.argmax(bad))
+        count += found
+        offset += bad.size
+    index = tuple(int(i) for i in np.unravel_index(first or 0, shape)) if shape else ()
+    return count, index
+
+
 def non_finite_error(values: np.ndarray, name: str | None = None) -> NonFiniteValuesError:
     """The error for ``values`` holding NaN/±inf: count and first (N-D) index."""
-    bad = ~np.isfinite(values)
-    count = int(np.count_nonzero(bad))
-    first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), values.shape))
-    return NonFiniteValuesError.build(name, count, first)
+    return NonFiniteValuesError.build(name, *find_non_finite([values], values.shape))
 
 
 def _check_float(array: np.ndarray) -> None:
@@ -106,11 +127,6 @@ def _float32_tile(values: np.ndarray) -> np.ndarray:
     return converted
 
 
-def _non_finite(rows: np.ndarray, name: str | None = None) -> NonFiniteValuesError:
-    # Counted on the float32 values: a float64 beyond float32's range counts as well.
-    return non_finite_error(as_float32(rows), name)
-
-
 def value_range(rows: np.ndarray) -> tuple[float, float]:
     """(min, max) of a 2-D float array, tiled and threaded; raises on non-finite values.
 
@@ -126,7 +142,7 @@ def value_range(rows: np.ndarray) -> tuple[float, float]:
     try:
         ranges = map_tiles(work, rows.shape[0], tile_rows(rows.shape[1]))
     except kernels.NonFiniteInTile:
-        raise _non_finite(rows) from None
+        raise non_finite_error(rows) from None
     return min(low for low, _ in ranges), max(high for _, high in ranges)
 
 
@@ -135,7 +151,8 @@ def tensor_errors(
 ) -> np.ndarray:
     """Σ(x - x̂)² over ``rows`` (float64, one per factor) with the whole-tensor range
     shrunk by each factor: the per-tensor form of the ``--clip mse`` search, summed over
-    row chunks by the caller. Each tile is read once for all factors, on the thread pool.
+    row chunks by :func:`per_tensor_range`. Each tile is read once for all factors, on the
+    thread pool.
     """
     low, high = (np.full((1, 1), bound, dtype=np.float32) for bound in value_range_)
 
@@ -151,20 +168,40 @@ def tensor_errors(
 
     if rows.size == 0:
         return np.zeros(len(factors))
-    return np.sum(map_tiles(work, rows.shape[0], tile_rows(rows.shape[1])), axis=0)
+    totals: np.ndarray = np.sum(map_tiles(work, rows.shape[0], tile_rows(rows.shape[1])),
+                                axis=0)
+    return totals
 
 
-def clipped_range(
-    rows: np.ndarray, full_range: tuple[float, float], scheme: Scheme
-) -> tuple[float, float]:
-    """The whole-tensor range to quantize with: the full range, or with ``--clip mse``
-    the shrunk range of smallest squared error (the two stages of clip.py over ``rows``;
-    the pipeline runs the same stages over row chunks with :func:`tensor_errors`)."""
+def per_tensor_range(chunks: Iterable[np.ndarray], scheme: Scheme) -> tuple[float, float]:
+    """The range one scale per tensor is made from: the tensor's min and max, and with
+    ``--clip mse`` that range shrunk by the factor of smallest squared error (the two
+    stages of clip.py). ``chunks`` holds the tensor's rows in any split (a list, or a
+    stream that can be read again): it is iterated once for the range and once for each
+    stage of the search.
+
+    >>> per_tensor_range([np.array([[1.5, -2.0]], np.float32), np.array([[3.0]], np.float32)],
+    ...                  Scheme("absmax", "tensor", clip="none"))
+    (-2.0, 3.0)
+
+    Raises:
+        NonFiniteValuesError: a value is NaN or ±inf (counted in the chunk it was found in).
+    """
+    low, high = math.inf, -math.inf
+    for chunk in chunks:
+        chunk_low, chunk_high = value_range(chunk)
+        low, high = min(low, chunk_low), max(high, chunk_high)
+    if low > high:  # no values
+        low = high = 0.0
     if scheme.clip == "none":
-        return full_range
-    factor = clip.search_tensor_factor(
-        lambda factors: tensor_errors(rows, full_range, scheme.method, factors))
-    return full_range[0] * factor, full_range[1] * factor
+        return low, high
+
+    def errors(factors: list[float]) -> list[float]:
+        return list(np.sum([tensor_errors(chunk, (low, high), scheme.method, factors)
+                            for chunk in chunks], axis=0))
+
+    factor = clip.search_tensor_factor(errors)
+    return low * factor, high * factor
 
 
 def quantize_rows(
@@ -180,9 +217,10 @@ def quantize_rows(
     ``rows`` may be float32, float64, float16 or bfloat16; values are converted to float32
     tile by tile. Because no group crosses a row, quantizing a tensor in row chunks gives
     exactly the bytes of quantizing it whole. Per-tensor granularity needs the range of
-    the whole tensor (``tensor_range``, from :func:`value_range` over all chunks); without
-    it the range of ``rows`` is used; a given range must come from :func:`value_range`
-    over the same values, which is also what refuses non-finite values. ``with_stats``
+    the whole tensor (``tensor_range``, from :func:`per_tensor_range` over all chunks);
+    without it the range of ``rows`` is used; a given range must come from
+    :func:`per_tensor_range` over the same values, which is also what refuses non-finite
+    values. ``with_stats``
     also returns the error statistics, computed while each tile is still in cache.
     ``scale_dtype`` (absmax, per channel or block) rounds every scale up to a value that
     dtype holds, for formats that store scales in the model's dtype.
@@ -200,7 +238,7 @@ def quantize_rows(
     per_tensor = scheme.granularity == "tensor"
     if per_tensor:
         if tensor_range is None:
-            tensor_range = clipped_range(rows, value_range(rows), scheme)
+            tensor_range = per_tensor_range([rows], scheme)
         low, high = tensor_range
         tensor_scale, tensor_zero = qparams_from_range(low, high, scheme.method)
         scale = tensor_scale.reshape(1, 1)
@@ -221,7 +259,7 @@ def quantize_rows(
         range_source = native if range_source_is_native else values
         for (view, owned), (range_view, _), (code_view, _) in zip(
             kernels.group_views(values, scheme), kernels.group_views(range_source, scheme),
-            kernels.group_views(codes[tile], scheme),
+            kernels.group_views(codes[tile], scheme), strict=True,
         ):
             if per_tensor:
                 view_scale = np.broadcast_to(scale, view.shape[:2])
@@ -232,7 +270,7 @@ def quantize_rows(
                 if scale_dtype is not None:
                     view_scale = round_scale_up(view_scale, np.dtype(scale_dtype))
                 scale[tile, owned] = view_scale
-                if zero_point is not None:
+                if zero_point is not None and view_zero is not None:
                     zero_point[tile, owned] = view_zero
             stats = kernels.quantize_view(view, view_scale, view_zero, code_view, scheme,
                                           with_stats)
@@ -243,7 +281,7 @@ def quantize_rows(
     try:
         results = map_tiles(work, row_count, tile_rows(columns)) if rows.size else []
     except kernels.NonFiniteInTile:
-        raise _non_finite(rows) from None
+        raise non_finite_error(rows) from None
     stats = None
     if with_stats:
         stats = ErrorStats()
@@ -283,7 +321,8 @@ def dequantize_rows(
     def work(tile: slice) -> None:
         values = out[tile] if target == np.float32 else scratch(3, out[tile].shape)
         for (code_view, owned), (out_view, _) in zip(
-            kernels.group_views(codes[tile], scheme), kernels.group_views(values, scheme)
+            kernels.group_views(codes[tile], scheme), kernels.group_views(values, scheme),
+            strict=True,
         ):
             if per_tensor:
                 view_scale = np.broadcast_to(scale, code_view.shape[:2])
@@ -346,7 +385,7 @@ def quantize(
     try:
         result = quantize_rows(array.reshape(row_shape), scheme)
     except NonFiniteValuesError:
-        raise _non_finite(array, name) from None
+        raise non_finite_error(array, name) from None
     zero_point = None if result.zero_point is None else result.zero_point.reshape(scale_shape)
     return QuantizedTensor(
         codes=result.codes.reshape(shape),

@@ -9,13 +9,13 @@ checkpoints silently).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, InputError, located
 from .header import Header
+from .jsonfile import loads_strict
 from .reader import SafetensorsReader
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -48,24 +48,9 @@ class Checkpoint:
         return self.shards[0].path.parent if self.index_path is None else self.index_path.parent
 
     @property
-    def total_bytes(self) -> int:
-        return sum(shard.header.file_size for shard in self.shards)
-
-    @property
     def data_bytes(self) -> int:
         """Bytes of tensor data (what a job reads, and what its progress counts)."""
         return sum(shard.header.data_size for shard in self.shards)
-
-    def companion_files(self) -> list[Path]:
-        """Other files of a sharded model folder (config, tokenizer, …) to copy along."""
-        if self.index_path is None:
-            return []
-        skip = {self.index_path.name} | {shard.path.name for shard in self.shards}
-        return sorted(
-            path for path in self.folder.iterdir()
-            if path.is_file() and path.name not in skip and not path.name.startswith(".")
-            and not path.name.endswith(".safetensors")
-        )
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -105,22 +90,15 @@ def _open_single(source: Path, file: Path) -> Checkpoint:
 
 
 def _read_index(index_path: Path) -> dict[str, Any]:
-    def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise CheckpointError(
-                    located(index_path, key, "appears twice in the index"))
-            result[key] = value
-        return result
-
     try:
-        index = json.loads(index_path.read_bytes().decode("utf-8"),
-                           object_pairs_hook=refuse_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise CheckpointError(located(index_path, None, f"invalid index file: {error}")) from None
+        text = index_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CheckpointError(located(index_path, None, "invalid index file: not UTF-8 "
+                                      f"(byte {error.start})")) from None
     except OSError as error:
         raise InputError(located(index_path, None, f"cannot be read ({error.strerror})")) from None
+    index = loads_strict(text, "the index file",
+                         lambda rule: CheckpointError(located(index_path, None, rule)))
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise CheckpointError(
             located(index_path, None, "invalid index file: weight_map must be an object")

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import HeaderError, LayoutError, located
 from .dtypes import DTYPE_BITS
+from .jsonfile import loads_strict
 
 #: The reference's cap on the JSON header (safetensors ``MAX_HEADER_SIZE``).
 MAX_HEADER_BYTES = 100_000_000
@@ -140,28 +141,7 @@ def _decode_json(header_bytes: bytes, path: str | Path) -> Any:
             hint=_pointer_hint(header_bytes),
         )
 
-    def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise HeaderError(located(path, None, f"duplicate key {key!r} in header"))
-            result[key] = value
-        return result
-
-    def refuse_constant(token: str) -> Any:
-        raise HeaderError(located(path, None, f"header is not valid JSON ({token} is not JSON)"))
-
-    try:
-        return json.loads(
-            text, object_pairs_hook=refuse_duplicates, parse_constant=refuse_constant
-        )
-    except json.JSONDecodeError as error:
-        raise HeaderError(
-            located(path, None, f"header is not valid JSON: {error.msg} at character "
-                    f"{error.pos}")
-        ) from None
-    except RecursionError:
-        raise HeaderError(located(path, None, "header JSON is nested too deeply")) from None
+    return loads_strict(text, "header", lambda rule: HeaderError(located(path, None, rule)))
 
 
 def _parse_metadata(value: Any, path: str | Path) -> dict[str, str]:
@@ -296,8 +276,8 @@ def build_header(
     padded with spaces so that the data section starts on an 8-byte boundary.
 
     >>> prefix, offsets = build_header([("w", "F32", (2,))], {})
-    >>> prefix
-    b'\\x38\\x00\\x00\\x00\\x00\\x00\\x00\\x00{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}    '
+    >>> int.from_bytes(prefix[:8], "little"), prefix[8:], offsets
+    (56, b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}  ', [(0, 8)])
     """
     offsets = []
     document: dict[str, Any] = {}

@@ -12,6 +12,7 @@ removes the temporary file; only a hard kill can leave one, and its name says wh
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import queue
@@ -122,7 +123,7 @@ class SafetensorsWriter:
         self.header_bytes, offsets = build_header(
             [(t.name, t.dtype, t.shape) for t in self.tensors], metadata
         )
-        self._offsets = {t.name: span for t, span in zip(self.tensors, offsets)}
+        self._offsets = {t.name: span for t, span in zip(self.tensors, offsets, strict=True)}
         self._written = dict.fromkeys(self._offsets, 0)
         self.file_size = len(self.header_bytes) + (offsets[-1][1] if offsets else 0)
         self._fd = -1
@@ -163,14 +164,12 @@ class SafetensorsWriter:
             os.close(self._fd)
             self._fd = -1
         if self._temp_path is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._temp_path)
-            except FileNotFoundError:
-                pass
             self._temp_path = None
 
     def _pwrite(self, data: np.ndarray | bytes, position: int) -> None:
-        view = memoryview(data).cast("B")
+        view = (data.data if isinstance(data, np.ndarray) else memoryview(data)).cast("B")
         done = 0
         try:
             while done < len(view):

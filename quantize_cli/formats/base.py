@@ -1,0 +1,207 @@
+"""What every on-disk format provides: the codec interface, and the records it shares
+with the jobs.
+
+A codec is the one place that knows how a format stores a quantized weight: which tensors
+a weight becomes (names, dtypes and shapes from the header alone, so an output is planned
+before any data is read), how a chunk of rows is encoded into them, what the format adds
+to a file's metadata and to a model's config.json, how its quantized weights are found in
+a header, and how their rows are read back as floats. The jobs (quantize, dequantize,
+inspect, diff) call these and never branch on a format.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from ..core.quantize import RowResult, quantize_rows
+from ..core.scheme import Scheme
+from ..errors import QuantizedFormatError, located
+from ..storage.dtypes import numpy_dtype
+from ..storage.header import Header, TensorEntry
+from ..storage.reader import SafetensorsReader
+from ..storage.writer import PlannedTensor
+
+#: What a stored tensor is to its quantized weight.
+Role = Literal["codes", "scale", "zero_point", "shape"]
+
+#: The stored rows of one quantized weight, by role, as :meth:`Codec.read_rows` reads them.
+StoredRows = dict[Role, np.ndarray]
+
+
+@dataclass(frozen=True)
+class StoredTensor(PlannedTensor):
+    """A tensor a format writes for a quantized weight, and what it is to that weight."""
+
+    role: Role
+
+
+@dataclass(frozen=True)
+class StoredWeight:
+    """A quantized weight found in a file: what it becomes again and how it is stored.
+
+    ``name``, ``shape`` and ``dtype`` are the weight as the model knows it (the dtype it
+    is restored to by default); ``tensors`` maps every stored tensor of the weight to its
+    role.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scheme: Scheme
+    format: str
+    tensors: tuple[tuple[str, Role], ...]
+    description: str  # how it is stored, for people: "INT8 absmax block 128"
+
+    def tensor(self, role: Role) -> str | None:
+        """The stored tensor with ``role``, if the weight has one."""
+        return next((name for name, found in self.tensors if found == role), None)
+
+    @property
+    def codes(self) -> str:
+        codes = self.tensor("codes")
+        assert codes is not None, "every stored weight has codes"
+        return codes
+
+    @property
+    def row_view(self) -> tuple[int, int]:
+        return self.scheme.row_view_shape(self.shape)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight a job is about to quantize: its input tensor and its scheme."""
+
+    entry: TensorEntry
+    scheme: Scheme
+
+
+class Codec(ABC):
+    """One on-disk format. Subclasses are registered in ``formats/__init__.py``."""
+
+    #: The ``--format`` value, and the word for the format everywhere.
+    name: ClassVar[str]
+    #: One line for ``--format``'s help.
+    summary: ClassVar[str]
+    #: The suffix of default output names (``model.<suffix>.safetensors``).
+    suffix: ClassVar[str]
+    #: Whether the output is always a folder (the format is described in config.json).
+    folder_output: ClassVar[bool] = False
+    #: Whether the tensors of one checkpoint may have different schemes (--target-sqnr).
+    mixed_schemes: ClassVar[bool] = True
+    #: Metadata keys that describe tensors one by one (too long for a metadata table).
+    tensor_metadata_keys: ClassVar[tuple[str, ...]] = ()
+
+    # ------------------------------------------------------------------------ writing
+
+    def check_scheme(self, scheme: Scheme) -> None:  # noqa: B027 - most formats store any
+        """Refuse, before any work, a scheme this format cannot store (SchemeError)."""
+
+    def keep_reason(self, entry: TensorEntry, scheme: Scheme) -> str | None:
+        """Why this tensor must stay in its dtype in this format (None: it can be
+        quantized)."""
+        return None
+
+    @abstractmethod
+    def stored_tensors(self, entry: TensorEntry, scheme: Scheme) -> list[StoredTensor]:
+        """The tensors a quantized ``entry`` becomes, from its header entry alone."""
+
+    def quantize_rows(self, entry: TensorEntry, rows: np.ndarray, scheme: Scheme, *,
+                      tensor_range: tuple[float, float] | None,
+                      with_stats: bool) -> RowResult:
+        """Quantize a chunk of rows of ``entry``'s row view the way this format rounds
+        (by default, DESIGN §1)."""
+        return quantize_rows(rows, scheme, tensor_range=tensor_range, with_stats=with_stats)
+
+    @abstractmethod
+    def encode(self, entry: TensorEntry, scheme: Scheme, result: RowResult,
+               first_row: int) -> list[tuple[str, np.ndarray]]:
+        """What to append to which stored tensor for the rows starting at ``first_row``
+        of the row view (chunks come in order, so per-tensor values go with row 0)."""
+
+    @abstractmethod
+    def shard_metadata(self, metadata: dict[str, str],
+                       quantized: Sequence[QuantizedWeight]) -> dict[str, str]:
+        """A shard's output ``__metadata__``, from its input's."""
+
+    def model_config(self, config: dict[str, Any] | None, scheme: Scheme,
+                     kept: Sequence[TensorEntry]) -> dict[str, Any] | None:
+        """The output model's config.json from the input's (None: there is none);
+        ``kept`` are the float tensors that stayed in their dtype."""
+        return config
+
+    # ------------------------------------------------------------------------ reading
+
+    @abstractmethod
+    def recognises(self, header: Header) -> bool:
+        """Whether a file is in this format, from its header alone (cheap)."""
+
+    @abstractmethod
+    def find(self, reader: SafetensorsReader) -> list[StoredWeight]:
+        """The quantized weights of a file this codec recognises.
+
+        Raises:
+            QuantizedFormatError: the file breaks the format.
+        """
+
+    def version(self, header: Header) -> str | None:
+        """The format version a file declares, if the format has versions."""
+        return None
+
+    @abstractmethod
+    def read_rows(self, reader: SafetensorsReader, weight: StoredWeight, start: int,
+                  stop: int) -> StoredRows:
+        """The stored data of rows [start, stop) of ``weight``'s row view (I/O only)."""
+
+    @abstractmethod
+    def dequantize_rows(self, weight: StoredWeight, rows: StoredRows, dtype: npt.DTypeLike,
+                        path: Path) -> np.ndarray:
+        """Those rows as values of ``dtype``, refusing stored numbers the format cannot
+        hold (QuantizedFormatError, naming ``path``).
+
+        Raises:
+            DtypeRangeError: a value does not fit ``dtype``.
+        """
+
+    def float_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """config.json of the dequantized model: without what this format added."""
+        return {key: value for key, value in config.items() if key != "quantization_config"}
+
+
+# ------------------------------------------------------- helpers for codecs' reading
+
+
+def read_groups(reader: SafetensorsReader, weight: StoredWeight, start: int,
+                stop: int) -> StoredRows:
+    """The per-group tensors (scale, zero point) of rows [start, stop) of ``weight``'s
+    row view: the scale as float32 (exact from float16, bfloat16 and float32), the zero
+    point as stored; one value per tensor is read whole, as shape (1, 1)."""
+    scheme = weight.scheme
+    groups = scheme.groups_per_row(weight.row_view[1])
+    found: StoredRows = {}
+    roles: tuple[Role, ...] = ("scale", "zero_point")
+    for role in roles:
+        name = weight.tensor(role)
+        if name is None:
+            continue
+        entry = reader.header[name]
+        if scheme.granularity == "tensor":
+            values = reader.read_tensor(entry).reshape(1, 1)
+        else:
+            values = np.empty((stop - start, groups), dtype=numpy_dtype(entry.dtype))
+            reader.read_into(entry, start * groups * values.itemsize, values)
+        found[role] = values.astype(np.float32) if role == "scale" else values
+    return found
+
+
+def refuse_bad_scales(path: Path, weight: StoredWeight, scale: np.ndarray) -> None:
+    """Refuse stored scales qz could never have written, rather than return wrong values."""
+    if not (np.isfinite(scale).all() and (scale >= 0).all()):
+        raise QuantizedFormatError(located(path, weight.tensor("scale"),
+                                           "holds non-finite or negative scales"))

@@ -1,0 +1,11 @@
+"""The jobs: whole-checkpoint quantize, dequantize, inspect and diff. Each is a thin
+orchestration over the storage layer, the planner and the formats' codecs; none branches
+on a format."""
+
+from .dequantize import dequantize_checkpoint
+from .diff import diff_checkpoints
+from .inspect import inspect_checkpoint
+from .quantize import quantize_checkpoint
+
+__all__ = ["dequantize_checkpoint", "diff_checkpoints", "inspect_checkpoint",
+           "quantize_checkpoint"]

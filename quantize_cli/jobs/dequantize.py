@@ -1,0 +1,151 @@
+"""The dequantize job: turn a quantized checkpoint, in any format qz reads, back into a
+float checkpoint with the original tensor names, shapes and dtypes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from ..errors import DtypeRangeError, OutputError, QuantizedFormatError, located
+from ..formats import FORMATS, Codec, StoredWeight, detect
+from ..storage.checkpoint import Shard, open_checkpoint
+from ..storage.dtypes import OUTPUT_DTYPES, numpy_dtype
+from ..storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader, row_ranges
+from ..storage.stream import ReadAhead
+from ..storage.writer import PlannedTensor, SafetensorsWriter
+from . import outputs
+from .provenance import without_qz_keys
+from .reports import DequantizedTensor, DequantizeReport, NoProgress, Progress
+
+
+def dequantize_checkpoint(
+    source: str | Path,
+    output: str | Path | None = None,
+    dtype: str = "original",
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> DequantizeReport:
+    """Turn a quantized checkpoint (qz or compressed-tensors) back into a float one with
+    the original tensor names, shapes and dtypes (or ``dtype``: float32, float16 or
+    bfloat16 for every restored tensor). compressed-tensors weights are restored to the
+    dtype of their scales, as compressed-tensors itself does.
+
+    >>> dequantize_checkpoint("model.int8.safetensors").output   # doctest: +SKIP
+    PosixPath('model.dequant.safetensors')
+
+    Raises:
+        QzError: the input is invalid or not quantized in a format qz reads, a stored
+            number breaks its format, a value does not fit ``dtype``, or the output
+            cannot be written. Nothing is written then.
+    """
+    if dtype != "original" and dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    progress = progress or NoProgress()
+    checkpoint = open_checkpoint(source)
+    found: dict[str, tuple[Codec | None, dict[str, StoredWeight]]] = {}
+    for shard in checkpoint.shards:
+        codec = detect(shard.header)
+        with SafetensorsReader(shard.path) as reader:
+            weights = codec.find(reader) if codec is not None else []
+        found[shard.path.name] = (codec, {weight.codes: weight for weight in weights})
+    codecs = [codec for codec, _ in found.values() if codec is not None]
+    if not codecs:
+        raise QuantizedFormatError(located(
+            checkpoint.source, None, "not a quantized checkpoint: no file is in a format "
+            f"qz reads ({', '.join(FORMATS)})"))
+    target = Path(output) if output is not None else outputs.default_output(checkpoint,
+                                                                            "dequant")
+    folder = checkpoint.sharded
+    config = outputs.model_config(checkpoint) if folder else None
+    tensors: list[DequantizedTensor] = []
+    output_bytes = 0
+    progress.start(checkpoint.data_bytes)
+    with outputs.Destination(target, checkpoint, force, folder) as destination:
+        shard_tensors = {}
+        for shard in checkpoint.shards:
+            codec, by_codes = found[shard.path.name]
+            planned, restored = _plan_shard(shard, by_codes, dtype)
+            shard_target = destination.path_for(shard)
+            _dequantize_shard(shard, codec, planned, restored, shard_target, progress,
+                              chunk_bytes)
+            shard_tensors[shard.path.name] = planned
+            output_bytes += shard_target.stat().st_size
+            tensors += [DequantizedTensor(t.name, t.dtype, t.shape,
+                                          restored[t.name].scheme if t.name in restored
+                                          else None) for t in planned]
+        if folder:
+            outputs.finish_folder(destination, checkpoint, shard_tensors, config,
+                                  lambda found: codecs[0].float_config(found) if found
+                                  else found)
+        destination.publish()
+    return DequantizeReport(checkpoint.source, target, tensors, output_bytes)
+
+
+def _plan_shard(shard: Shard, weights: dict[str, StoredWeight],
+                dtype: str) -> tuple[list[PlannedTensor], dict[str, StoredWeight]]:
+    """The shard's output tensors (restored weights where their codes were, everything
+    that is not part of a quantized weight as it is), and the restored weights by name."""
+    stored = {name for weight in weights.values() for name, _ in weight.tensors}
+    planned, restored = [], {}
+    for tensor in shard.header.tensors:
+        weight = weights.get(tensor.name)
+        if weight is not None:
+            out_dtype = weight.dtype if dtype == "original" else OUTPUT_DTYPES[dtype]
+            planned.append(PlannedTensor(weight.name, out_dtype, weight.shape))
+            restored[weight.name] = weight
+        elif tensor.name not in stored:
+            planned.append(PlannedTensor(tensor.name, tensor.dtype, tensor.shape))
+    return planned, restored
+
+
+def _dequantize_shard(shard: Shard, codec: Codec | None, planned: list[PlannedTensor],
+                      restored: dict[str, StoredWeight], target: Path, progress: Progress,
+                      chunk_bytes: int) -> None:
+    header = shard.header
+    with ExitStack() as stack:
+        reader = stack.enter_context(SafetensorsReader(shard.path))
+        writer = stack.enter_context(SafetensorsWriter(target, planned,
+                                                       without_qz_keys(header.metadata)))
+        # Every read of the shard, in order: raw pieces of the tensors that are copied and
+        # stored rows of the quantized weights; each is read while the one before is
+        # being restored and written.
+        steps: list[tuple[PlannedTensor, StoredWeight | None, Callable[[], Any]]] = []
+        for tensor in planned:
+            weight = restored.get(tensor.name)
+            if weight is None:
+                entry = header[tensor.name]
+                steps += [(tensor, None, partial(reader.read_bytes, entry, start, stop))
+                          for start, stop in row_ranges(entry.nbytes, 1, chunk_bytes)]
+            else:
+                assert codec is not None
+                rows, columns = weight.row_view
+                # Chunks are sized by the float32 values they become, the largest buffer.
+                steps += [(tensor, weight, partial(codec.read_rows, reader, weight, start, stop))
+                          for start, stop in row_ranges(rows, columns * 4, chunk_bytes)]
+        reads = stack.enter_context(ReadAhead([(index, read) for index, (_, _, read)
+                                               in enumerate(steps)]))
+        for index, (tensor, weight, read) in enumerate(steps):
+            stored = reads.take(index, read)
+            if weight is None:
+                writer.write(tensor.name, stored)
+                progress.advance(stored.nbytes, tensor.name)
+                continue
+            assert codec is not None
+            try:
+                values = codec.dequantize_rows(weight, stored, numpy_dtype(tensor.dtype),
+                                               reader.path)
+            except DtypeRangeError:
+                raise OutputError(
+                    located(reader.path, weight.name, f"values exceed the range of "
+                            f"{tensor.dtype}"),
+                    hint="choose a wider --dtype",
+                ) from None
+            writer.write(tensor.name, values)
+            progress.advance(stored["codes"].nbytes, tensor.name)
+        reader.check_unchanged()
+        writer.publish()

@@ -1,0 +1,192 @@
+"""The diff job (``qz diff``): compare two checkpoints tensor by tensor, streaming.
+
+Either side may be a float checkpoint or a quantized one in any format qz reads (restored
+on the fly), one file or sharded. Tensors are matched by name. Floating tensors of the
+same shape get the error statistics of B against A (A is the reference); integer and other
+non-floating tensors are compared exactly. Both are read in chunks of whole slices along
+the first axis, so memory stays bounded by a chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..core.quantize import as_float32, find_non_finite
+from ..core.stats import ErrorStats, error_stats
+from ..errors import DtypeRangeError, NonFiniteValuesError, QuantizedFormatError, located
+from ..formats import Codec, StoredWeight, detect
+from ..storage.checkpoint import Checkpoint, open_checkpoint
+from ..storage.dtypes import DTYPE_BITS, FLOAT_DTYPES, INTEGER_DTYPES, numpy_dtype
+from ..storage.header import TensorEntry
+from ..storage.reader import SafetensorsReader, row_ranges
+from .reports import DiffReport, ExactComparison, TensorDifference
+
+#: Bytes of float64 per side and chunk (statistics are summed in float64).
+CHUNK_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LogicalTensor:
+    """A tensor as a model sees it: its name, shape and dtype before quantization, and
+    how to read it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # the restored dtype for a quantized weight
+    reader: SafetensorsReader
+    entry: TensorEntry  # the stored tensor (the codes, for a quantized weight)
+    weight: StoredWeight | None = None
+    codec: Codec | None = None
+
+    def label(self) -> str:
+        if self.weight is None:
+            return self.dtype
+        return f"{self.weight.description} (from {self.dtype})"
+
+    @property
+    def slices(self) -> int:
+        """Slices along the first axis (the unit both sides of a comparison read in)."""
+        return self.shape[0] if len(self.shape) >= 2 else 1
+
+
+def logical_tensors(checkpoint: Checkpoint,
+                    reader_for: Callable[[Path], SafetensorsReader]) -> dict[str, LogicalTensor]:
+    """The tensors of a checkpoint as the model sees them: the companions of a quantized
+    weight (scales, zero points, …) are folded into it."""
+    tensors = {}
+    for shard in checkpoint.shards:
+        reader = reader_for(shard.path)
+        codec = detect(shard.header)
+        weights = codec.find(reader) if codec is not None else []
+        by_codes = {weight.codes: weight for weight in weights}
+        stored = {name for weight in weights for name, _ in weight.tensors}
+        for entry in shard.header.tensors:
+            weight = by_codes.get(entry.name)
+            if weight is not None:
+                tensors[weight.name] = LogicalTensor(weight.name, weight.shape, weight.dtype,
+                                                     reader, entry, weight, codec)
+            elif entry.name not in stored:
+                tensors[entry.name] = LogicalTensor(entry.name, entry.shape, entry.dtype,
+                                                    reader, entry)
+    return tensors
+
+
+def diff_checkpoints(a: str | Path, b: str | Path, chunk_bytes: int = CHUNK_BYTES) -> DiffReport:
+    """Compare checkpoint B against checkpoint A (the reference), tensor by tensor.
+
+    >>> report = diff_checkpoints("model.safetensors", "model.int8.safetensors")  # doctest: +SKIP
+    >>> report.pooled_stats.sqnr_db                                              # doctest: +SKIP
+    42.87
+
+    Raises:
+        QzError: either checkpoint is invalid, or a compared tensor holds NaN or ±inf.
+    """
+    left, right = open_checkpoint(a), open_checkpoint(b)
+    with ExitStack() as stack:
+        readers: dict[Path, SafetensorsReader] = {}
+
+        def reader_for(path: Path) -> SafetensorsReader:
+            if path not in readers:
+                readers[path] = stack.enter_context(SafetensorsReader(path))
+            return readers[path]
+
+        left_tensors = logical_tensors(left, reader_for)
+        right_tensors = logical_tensors(right, reader_for)
+        report = DiffReport(left.source, right.source, [],
+                            only_in_a=sorted(set(left_tensors) - set(right_tensors)),
+                            only_in_b=sorted(set(right_tensors) - set(left_tensors)))
+        for name in sorted(set(left_tensors) & set(right_tensors)):
+            one, other = left_tensors[name], right_tensors[name]
+            if one.shape != other.shape:
+                report.shape_mismatches.append((name, one.shape, other.shape))
+            elif one.dtype in FLOAT_DTYPES and other.dtype in FLOAT_DTYPES:
+                stats = ErrorStats()
+                for values, approximation in zip(_float_chunks(one, chunk_bytes),
+                                                 _float_chunks(other, chunk_bytes),
+                                                 strict=True):
+                    stats = stats.merge(error_stats(values, approximation))
+                report.compared.append(TensorDifference(name, one.shape, one.label(),
+                                                        other.label(), stats))
+            elif _exactly_comparable(one, other):
+                differing = sum(int(np.count_nonzero(x != y)) for x, y in zip(
+                    _exact_chunks(one, chunk_bytes), _exact_chunks(other, chunk_bytes),
+                    strict=True))
+                report.exact.append(ExactComparison(name, one.shape, one.label(),
+                                                    other.label(), differing))
+            else:
+                report.not_comparable.append((name, one.label(), other.label()))
+    return report
+
+
+def _slice_ranges(tensor: LogicalTensor, bytes_per_slice: int,
+                  chunk_bytes: int) -> list[tuple[int, int]]:
+    return row_ranges(tensor.slices, bytes_per_slice, chunk_bytes)
+
+
+def _float_chunks(tensor: LogicalTensor, chunk_bytes: int) -> Iterator[np.ndarray]:
+    """The tensor's values as float64, in chunks of whole slices along the first axis (the
+    chunks of both sides of a comparison line up because they have the same shape)."""
+    per_slice = math.prod(tensor.shape) // tensor.slices if tensor.slices else 0
+    ranges = _slice_ranges(tensor, per_slice * 8, chunk_bytes)
+
+    def chunks() -> Iterator[np.ndarray]:
+        for start, stop in ranges:
+            yield _read_float_slices(tensor, start, stop, per_slice)
+
+    for values in chunks():
+        if not np.isfinite(values).all():
+            count, index = find_non_finite(chunks(), tensor.shape)
+            raise NonFiniteValuesError.build(tensor.name, count, index, tensor.reader.path)
+        yield values.astype(np.float64)
+
+
+def _read_float_slices(tensor: LogicalTensor, start: int, stop: int,
+                       per_slice: int) -> np.ndarray:
+    """Slices [start, stop) along the first axis, as a flat float32 array."""
+    reader, weight = tensor.reader, tensor.weight
+    if weight is None or tensor.codec is None:
+        dtype = numpy_dtype(tensor.entry.dtype)
+        raw = np.empty((stop - start) * per_slice, dtype=dtype)
+        reader.read_into(tensor.entry, start * per_slice * dtype.itemsize, raw)
+        return as_float32(raw)
+    # Rows of the weight's row view per slice of the first axis (a whole number for every
+    # granularity, since its rows never cross a slice).
+    per = weight.row_view[0] // tensor.slices if tensor.slices else 0
+    rows = tensor.codec.read_rows(reader, weight, start * per, stop * per)
+    try:
+        values = tensor.codec.dequantize_rows(weight, rows, np.float32, reader.path)
+    except DtypeRangeError:
+        raise QuantizedFormatError(located(reader.path, tensor.name, "scales too large: the "
+                                           "values overflow float32")) from None
+    return values.reshape(-1)
+
+
+def _exactly_comparable(one: LogicalTensor, other: LogicalTensor) -> bool:
+    """Integer and bool tensors compare by value; other dtypes only with their own kind."""
+    both_integers = one.dtype in INTEGER_DTYPES and other.dtype in INTEGER_DTYPES
+    return (one.weight is None and other.weight is None
+            and (both_integers or one.dtype == other.dtype))
+
+
+def _exact_chunks(tensor: LogicalTensor, chunk_bytes: int) -> Iterator[np.ndarray]:
+    """The stored elements in chunks of whole slices: integers as their values, any
+    other dtype as the unsigned integers of its bits (bytes for widths below 8)."""
+    entry = tensor.entry
+    bits = DTYPE_BITS[entry.dtype]
+    if entry.dtype in INTEGER_DTYPES:
+        dtype = INTEGER_DTYPES[entry.dtype]
+    else:
+        dtype = np.dtype(f"<u{bits // 8}") if bits in (8, 16, 32, 64) else np.dtype(np.uint8)
+    per_slice = entry.nbytes // dtype.itemsize // tensor.slices if tensor.slices else 0
+    # Ranges as if every element took 8 bytes, so both sides split alike whatever their
+    # integer widths.
+    for start, stop in _slice_ranges(tensor, per_slice * 8, chunk_bytes):
+        values = np.empty((stop - start) * per_slice, dtype=dtype)
+        tensor.reader.read_into(entry, start * per_slice * dtype.itemsize, values)
+        yield values

@@ -1,0 +1,142 @@
+"""Decide, from the header alone, what happens to each tensor and what the output holds.
+
+Nothing here reads tensor data, so a plan (and ``--dry-run``) is instant even for a
+checkpoint of hundreds of GB, and the output header is known before any data is read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from ..core.scheme import Scheme
+from ..errors import InputError, located
+from ..formats import Codec, QuantizedWeight, StoredTensor
+from ..storage.dtypes import DTYPE_BITS, FLOAT_DTYPES
+from ..storage.header import Header, TensorEntry
+from ..storage.writer import PlannedTensor
+
+#: Tensors smaller than this stay in their dtype by default (DESIGN §3): the scale and
+#: zero point would eat most of the saving, and such tensors are usually sensitive.
+MIN_ELEMENTS = 1024
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """The decision for one input tensor: quantize with ``scheme`` into ``outputs``, or
+    copy it (``scheme`` None, ``outputs`` the tensor itself)."""
+
+    entry: TensorEntry
+    scheme: Scheme | None
+    reason: str
+    outputs: tuple[PlannedTensor, ...]
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme is not None
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(math.prod(t.shape) * DTYPE_BITS[t.dtype] // 8 for t in self.outputs)
+
+    def as_quantized_weight(self) -> QuantizedWeight:
+        assert self.scheme is not None
+        return QuantizedWeight(self.entry, self.scheme)
+
+    def with_scheme(self, scheme: Scheme | None, reason: str, codec: Codec) -> TensorPlan:
+        """The same tensor with another decision (e.g. one chosen by --target-sqnr)."""
+        return replace(self, scheme=scheme, reason=reason,
+                       outputs=_outputs(self.entry, scheme, codec))
+
+
+def _outputs(entry: TensorEntry, scheme: Scheme | None, codec: Codec) -> tuple[PlannedTensor, ...]:
+    if scheme is None:
+        return (PlannedTensor(entry.name, entry.dtype, entry.shape),)
+    return tuple(codec.stored_tensors(entry, scheme))
+
+
+def select(
+    entry: TensorEntry, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> tuple[bool, str]:
+    """Whether a tensor is quantized, and why (DESIGN §3).
+
+    Without ``include`` patterns, floating tensors with ≥ 2 dimensions and ≥ 1024 elements
+    are quantized. With them, exactly the floating tensors matching one are (1-D and small
+    ones too). ``exclude`` always wins. Integer, bool, other float formats, scalars and
+    empty tensors are always copied byte for byte.
+
+    >>> select(TensorEntry("model.norm.weight", "BF16", (4096,), 0, 8192))
+    (False, '1-D tensor')
+    """
+    if entry.dtype not in FLOAT_DTYPES:
+        kind = "bool" if entry.dtype == "BOOL" else (
+            "float format qz does not quantize" if entry.dtype.startswith("F") else "integer")
+        return False, f"{kind} dtype {entry.dtype}"
+    if len(entry.shape) == 0:
+        return False, "scalar"
+    if entry.numel == 0:
+        return False, "empty tensor"
+    excluded = next((p for p in exclude if fnmatchcase(entry.name, p)), None)
+    if excluded is not None:
+        return False, f"matches --exclude {excluded!r}"
+    if include:
+        included = next((p for p in include if fnmatchcase(entry.name, p)), None)
+        if included is None:
+            return False, "matches no --include pattern"
+        return True, f"matches --include {included!r}"
+    if len(entry.shape) < 2:
+        return False, "1-D tensor"
+    if entry.numel < MIN_ELEMENTS:
+        return False, f"fewer than {MIN_ELEMENTS} elements"
+    return True, f"{entry.dtype}, {len(entry.shape)}-D"
+
+
+def plan_tensor(entry: TensorEntry, scheme: Scheme, codec: Codec,
+                include: Sequence[str] = (), exclude: Sequence[str] = ()) -> TensorPlan:
+    """Decide one tensor: the selection rules, then what the format can store.
+
+    >>> from quantize_cli.formats import codec_for
+    >>> plan = plan_tensor(TensorEntry("w", "F32", (64, 128), 0, 32768), Scheme(),
+    ...                    codec_for("qz"))
+    >>> [tensor.name for tensor in plan.outputs], plan.output_bytes
+    (['w', 'w_scale'], 8448)
+    """
+    chosen, reason = select(entry, include, exclude)
+    if chosen:
+        kept = codec.keep_reason(entry, scheme)
+        if kept is not None:
+            chosen, reason = False, kept
+    chosen_scheme = scheme if chosen else None
+    return TensorPlan(entry, chosen_scheme, reason, _outputs(entry, chosen_scheme, codec))
+
+
+def plan_shard(header: Header, path: str | Path, scheme: Scheme, codec: Codec,
+               include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[TensorPlan]:
+    """Decide every tensor of a file, and refuse output names that would collide.
+
+    Raises:
+        InputError: a name the format would write for a quantized tensor already exists.
+    """
+    plans = [plan_tensor(entry, scheme, codec, include, exclude) for entry in header.tensors]
+    check_collisions(plans, header, path)
+    return plans
+
+
+def check_collisions(plans: Sequence[TensorPlan], header: Header, path: str | Path) -> None:
+    """Refuse a plan whose quantized tensors would be stored under an existing name."""
+    for plan in plans:
+        for stored in plan.outputs:
+            if isinstance(stored, StoredTensor) and stored.name != plan.name \
+                    and stored.name in header:
+                raise InputError(
+                    located(path, stored.name, f"collides with the name qz would give the "
+                            f"{stored.role.replace('_', ' ')} of {plan.name!r}"),
+                    hint=f"leave {plan.name!r} as it is with --exclude",
+                )

@@ -1,0 +1,70 @@
+"""Provenance: what every quantized output records about how it was made (DESIGN
+amendment 8), whatever its format, so that anyone can re-create it bit for bit."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+from .. import __version__
+from ..formats import DEFAULT_FORMAT
+
+KEY_PREFIX = "qz."
+KEY_VERSION = "qz.version"
+KEY_SOURCE = "qz.source"
+KEY_OPTIONS = "qz.options"
+KEY_COMMAND = "qz.command"
+KEY_ROUNDING = "qz.rounding"
+
+#: The rounding rule, recorded in every output (DESIGN §1).
+ROUNDING = ("round half to even (numpy.rint) of x / s (+ z) in float32, clipped to the "
+            "method's range; s from the group's float32 min/max in float64, rounded once "
+            "to float32")
+#: Stands in for the input's SHA-256 until it is known (same length, so the header keeps
+#: its size and is rewritten in place).
+PENDING_HASH = "0" * 64
+
+
+def provenance(source_file: str, sha256: str | None, options: dict[str, Any]) -> dict[str, str]:
+    """The metadata keys that say how an output was made: the qz version, the source
+    file and its hash, the options, the command and the rounding rule.
+
+    >>> provenance("m.safetensors", None, {"method": "absmax", "granularity": "channel",
+    ...            "block": None, "clip": "none"})["qz.command"]
+    'qz quantize m.safetensors --method absmax --per-channel --clip none'
+    """
+    return {
+        KEY_VERSION: __version__,
+        KEY_SOURCE: json.dumps({"file": source_file, "sha256": sha256},
+                               separators=(",", ":"), sort_keys=True),
+        KEY_OPTIONS: json.dumps(options, separators=(",", ":"), sort_keys=True),
+        KEY_COMMAND: command_line(source_file, options),
+        KEY_ROUNDING: ROUNDING,
+    }
+
+
+def command_line(source: str, options: dict[str, Any]) -> str:
+    """The ``qz quantize`` command that re-creates the output from ``source``."""
+    parts = ["qz", "quantize", source, "--method", options["method"]]
+    if options.get("target_sqnr") is None:
+        granularity = options["granularity"]
+        parts += (["--block", str(options["block"])] if granularity == "block"
+                  else ["--per-channel"] if granularity == "channel" else ["--per-tensor"])
+    else:
+        parts += ["--target-sqnr", f"{options['target_sqnr']:g}"]
+    parts += ["--clip", options["clip"]]
+    for pattern in options.get("include", []):
+        parts += ["--include", pattern]
+    for pattern in options.get("exclude", []):
+        parts += ["--exclude", pattern]
+    if options.get("format", DEFAULT_FORMAT) != DEFAULT_FORMAT:
+        parts += ["--format", options["format"]]
+    if options.get("hash") is False:
+        parts.append("--no-hash")
+    return " ".join(shlex.quote(part) for part in parts)
+
+
+def without_qz_keys(metadata: dict[str, str]) -> dict[str, str]:
+    """Metadata without qz's keys (what a dequantized file keeps)."""
+    return {key: value for key, value in metadata.items() if not key.startswith(KEY_PREFIX)}

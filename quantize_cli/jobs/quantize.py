@@ -1,0 +1,236 @@
+"""The quantize job: plan every tensor from the headers, check the output, then stream
+each shard through its format's codec.
+
+Tensors are read in row chunks of at most ``chunk_bytes`` and written as they are
+produced, so memory is bounded by a chunk, never by a tensor or the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.quantize import RowResult
+from ..core.scheme import Scheme
+from ..core.stats import ErrorStats
+from ..errors import InputError, InternalCheckError, SchemeError, located
+from ..formats import DEFAULT_FORMAT, Codec, codec_for, detect
+from ..storage.checkpoint import Checkpoint, Shard, open_checkpoint
+from ..storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader
+from ..storage.stream import ShardStream, StreamHasher, TensorChunks
+from ..storage.writer import SafetensorsWriter
+from . import outputs
+from .plan import TensorPlan, plan_shard
+from .provenance import PENDING_HASH, provenance
+from .reports import NoProgress, Progress, QuantizeReport, TensorReport
+from .target import choose_for_target
+from .tensor import quantized_chunks
+
+
+def quantize_checkpoint(
+    source: str | Path,
+    output: str | Path | None = None,
+    scheme: Scheme | None = None,
+    *,
+    format: str = DEFAULT_FORMAT,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    force: bool = False,
+    dry_run: bool = False,
+    error_stats: bool = True,
+    target_sqnr: float | None = None,
+    hash_source: bool = True,
+    progress: Progress | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> QuantizeReport:
+    """Quantize a checkpoint (file, index or folder) and write it in ``format``.
+
+    ``error_stats=False`` skips measuring the error (the report then has no statistics);
+    the written bytes are the same. ``target_sqnr`` gives each tensor the cheapest scheme
+    of the ladder in target.py (with ``scheme``'s method) whose SQNR reaches it, or
+    leaves the tensor in its dtype; this measures the candidates first, so it reads the
+    data even in a dry run. ``hash_source=False`` records no SHA-256 of the input.
+
+    >>> report = quantize_checkpoint("model.safetensors", scheme=Scheme("affine"))  # doctest: +SKIP
+    >>> report.output, report.pooled_stats.sqnr_db                                 # doctest: +SKIP
+    (PosixPath('model.int8.safetensors'), 40.7)
+
+    Raises:
+        QzError: the input is invalid or already quantized, nothing would be quantized,
+            the format cannot store the scheme, a tensor holds NaN/inf, or the output
+            cannot be written. Nothing is written then.
+    """
+    scheme = scheme or Scheme()
+    progress = progress or NoProgress()
+    codec = codec_for(format)
+    codec.check_scheme(scheme)
+    if target_sqnr is not None and not codec.mixed_schemes:
+        raise SchemeError(f"--target-sqnr cannot be combined with the {codec.name} format, "
+                          "which has one scheme for all layers")
+    checkpoint = open_checkpoint(source)
+    _refuse_quantized(checkpoint)
+    plans = {shard.path.name: plan_shard(shard.header, shard.path, scheme, codec, include,
+                                         exclude)
+             for shard in checkpoint.shards}
+    if target_sqnr is not None:
+        plans = choose_for_target(checkpoint, plans, scheme.method, target_sqnr, codec,
+                                  chunk_bytes)
+    _refuse_nothing_to_do(checkpoint, plans, target_sqnr)
+    target = Path(output) if output is not None else outputs.default_output(
+        checkpoint, codec.suffix, folder=codec.folder_output)
+    folder = checkpoint.sharded or codec.folder_output
+    options: dict[str, Any] = {
+        "method": scheme.method, "granularity": scheme.granularity,
+        "block": scheme.block_size, "clip": scheme.clip, "include": list(include),
+        "exclude": list(exclude), "target_sqnr": target_sqnr, "format": codec.name}
+    if not hash_source:
+        options["hash"] = False
+
+    def report_for(shard: Shard, stats: dict[str, ErrorStats]) -> list[TensorReport]:
+        return [TensorReport(
+            name=plan.name, dtype=plan.entry.dtype, shape=plan.entry.shape,
+            scheme=plan.scheme, reason=plan.reason, input_bytes=plan.entry.nbytes,
+            output_bytes=plan.output_bytes, stats=stats.get(plan.name),
+            shard=shard.path.name if checkpoint.sharded else None,
+        ) for plan in plans[shard.path.name]]
+
+    def report(tensors: list[TensorReport]) -> QuantizeReport:
+        return QuantizeReport(checkpoint.source, target, scheme, codec.name,
+                              sorted(tensors, key=lambda tensor: tensor.name), dry_run)
+
+    if dry_run:
+        return report([t for shard in checkpoint.shards for t in report_for(shard, {})])
+
+    config = outputs.model_config(checkpoint) if folder else None
+    tensors: list[TensorReport] = []
+    progress.start(checkpoint.data_bytes)
+    with outputs.Destination(target, checkpoint, force, folder) as destination:
+        for shard in checkpoint.shards:
+            stats = _quantize_shard(shard, plans[shard.path.name], destination.path_for(shard),
+                                    codec, options, error_stats, progress, chunk_bytes)
+            tensors += report_for(shard, stats)
+        if folder:
+            kept = [plan.entry for shard_plans in plans.values() for plan in shard_plans
+                    if not plan.quantized]
+            outputs.finish_folder(
+                destination, checkpoint,
+                {name: [t for plan in shard_plans for t in plan.outputs]
+                 for name, shard_plans in plans.items()},
+                config, lambda found: codec.model_config(found, scheme, kept))
+        destination.publish()
+    return report(tensors)
+
+
+def _refuse_quantized(checkpoint: Checkpoint) -> None:
+    for shard in checkpoint.shards:
+        codec = detect(shard.header)
+        if codec is not None:
+            version = codec.version(shard.header)
+            raise InputError(
+                located(shard.path, None, f"is already quantized ({codec.name} format"
+                        + (f", version {version})" if version else ")")),
+                hint="run qz dequantize first",
+            )
+
+
+def _refuse_nothing_to_do(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]],
+                          target_sqnr: float | None) -> None:
+    every = [plan for shard_plans in plans.values() for plan in shard_plans]
+    if any(plan.quantized for plan in every):
+        return
+    if target_sqnr is not None and every:
+        raise InputError(
+            located(checkpoint.source, None, f"no tensor reaches the target SQNR of "
+                    f"{target_sqnr:g} dB"),
+            hint="lower --target-sqnr; the reasons in --dry-run show what each tensor reaches",
+        )
+    raise InputError(
+        located(checkpoint.source, None, "has no tensor to quantize" if every
+                else "has no tensors"),
+        hint=None if not every else "qz quantizes float tensors with ≥ 2 dimensions and "
+        "≥ 1024 elements; --include selects others",
+    )
+
+
+def _quantize_shard(
+    shard: Shard,
+    plans: list[TensorPlan],
+    target: Path,
+    codec: Codec,
+    options: dict[str, Any],
+    error_stats: bool,
+    progress: Progress,
+    chunk_bytes: int,
+) -> dict[str, ErrorStats]:
+    hash_source = options.get("hash", True)
+    metadata = codec.shard_metadata(shard.header.metadata,
+                                    [plan.as_quantized_weight() for plan in plans
+                                     if plan.quantized])
+    # The input's hash is taken from the data as it is read, and written into the header
+    # at the end (a placeholder of the same length holds its place).
+    metadata.update(provenance(shard.path.name, PENDING_HASH if hash_source else None,
+                               options))
+    layout = [(plan.entry, plan.scheme.row_view_shape(plan.entry.shape) if plan.scheme
+               else None) for plan in plans]
+    stats: dict[str, ErrorStats] = {}
+    with ExitStack() as stack:
+        reader = stack.enter_context(SafetensorsReader(shard.path))
+        writer = stack.enter_context(SafetensorsWriter(
+            target, [tensor for plan in plans for tensor in plan.outputs], metadata))
+        if reader.header != shard.header:
+            raise InputError(located(shard.path, None, "input changed while reading"))
+        hasher = StreamHasher(reader) if hash_source else None
+        if hasher is not None:
+            stack.callback(hasher.close)
+        stream = stack.enter_context(ShardStream(reader, layout, chunk_bytes, hasher))
+        for plan, (entry, row_shape) in zip(plans, layout, strict=True):
+            if row_shape is None:
+                for piece in stream.pieces(entry):
+                    writer.write(plan.name, piece)
+                    progress.advance(piece.nbytes, plan.name)
+                continue
+            tensor_stats = _quantize_tensor(stream.rows(entry, row_shape), plan, codec,
+                                            writer, error_stats, progress)
+            if tensor_stats is not None:
+                stats[plan.name] = tensor_stats
+        reader.check_unchanged()
+        if hasher is not None:
+            metadata.update(provenance(shard.path.name, hasher.digest(), options))
+            writer.replace_metadata(metadata)
+        writer.publish()
+    return stats
+
+
+def _quantize_tensor(chunks: TensorChunks, plan: TensorPlan, codec: Codec,
+                     writer: SafetensorsWriter, error_stats: bool,
+                     progress: Progress) -> ErrorStats | None:
+    entry, scheme = plan.entry, plan.scheme
+    assert scheme is not None
+    stats = ErrorStats()
+    for first_row, rows, result in quantized_chunks(chunks, scheme, codec, error_stats):
+        _check_produced(writer.target, entry.name, scheme, result)
+        for name, values in codec.encode(entry, scheme, result, first_row):
+            writer.write(name, values)
+        if result.stats is not None:
+            stats = stats.merge(result.stats)
+        progress.advance(rows.nbytes, entry.name)
+    return stats if error_stats else None
+
+
+def _check_produced(target: Path, name: str, scheme: Scheme, result: RowResult) -> None:
+    """Check the numbers before they are written (DESIGN §6.4): finite, non-negative
+    scales and codes in the method's range. Cheap (int8 min/max and the small scale
+    array); a failure is a bug in qz, and nothing is published."""
+    lowest, highest = scheme.code_range
+    scale_ok = bool(np.isfinite(result.scale).all() and (result.scale >= 0).all())
+    codes_ok = result.codes.size == 0 or (
+        int(result.codes.min()) >= lowest and int(result.codes.max()) <= highest)
+    if not (scale_ok and codes_ok):
+        raise InternalCheckError(
+            located(target, name, "produced scales or codes out of range; nothing was written"),
+            hint="this is a bug in qz: please report it with the input's header",
+        )

@@ -1,0 +1,212 @@
+"""The codecs one by one: what a quantized weight becomes in each format (names, dtypes,
+shapes, bytes), how a format is recognised, and that reading gives back exactly what was
+encoded. Hand-checked numbers; files are built with struct + json (conftest)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from conftest import raw_safetensors, write_safetensors
+from quantize_cli.core import Scheme, quantize_rows
+from quantize_cli.errors import SchemeError
+from quantize_cli.formats import FORMATS, QuantizedWeight, codec_for, detect
+from quantize_cli.storage.header import TensorEntry
+from quantize_cli.storage.reader import SafetensorsReader
+
+QZ, CT = codec_for("qz"), codec_for("compressed-tensors")
+X = np.array([[1.6, -0.7, -3.4, 1.7, -2.9, 0.5, 2.3, 6.2]], dtype=np.float32)
+
+
+def entry(name: str = "layer.weight", dtype: str = "F32",
+          shape: tuple[int, ...] = (1, 8)) -> TensorEntry:
+    size = int(np.prod(shape)) * {"F32": 4, "BF16": 2, "F16": 2}[dtype]
+    return TensorEntry(name, dtype, shape, 0, size)
+
+
+Stored = list[tuple[str, str, tuple[int, ...], str]]
+
+
+def stored(codec_name: str, scheme: Scheme, tensor: TensorEntry) -> Stored:
+    return [(t.name, t.dtype, t.shape, t.role)
+            for t in codec_for(codec_name).stored_tensors(tensor, scheme)]
+
+
+def test_registry_names_and_unknown_format() -> None:
+    assert list(FORMATS) == ["qz", "compressed-tensors"]
+    with pytest.raises(SchemeError, match="unknown format 'gguf' \\(choose from qz, "
+                                          "compressed-tensors\\)"):
+        codec_for("gguf")
+
+
+# --------------------------------------------------------------------------------- qz
+
+
+@pytest.mark.parametrize("scheme,expected", [
+    (Scheme("absmax", "tensor"), [("w", "I8", (4, 300), "codes"),
+                                  ("w_scale", "F32", (1,), "scale")]),
+    (Scheme("affine", "channel"), [("w", "I8", (4, 300), "codes"),
+                                   ("w_scale", "F32", (4, 1), "scale"),
+                                   ("w_zero_point", "I8", (4, 1), "zero_point")]),
+    (Scheme("absmax", "block", 128), [("w", "I8", (4, 300), "codes"),
+                                      ("w_scale", "F32", (4, 3), "scale")]),
+])
+def test_qz_stored_tensors(scheme: Scheme, expected: Stored) -> None:
+    assert stored("qz", scheme, entry("w", "BF16", (4, 300))) == expected
+
+
+def test_qz_encodes_codes_and_scales_of_each_chunk() -> None:
+    scheme = Scheme("affine", "block", 4)
+    result = quantize_rows(X, scheme)
+    pieces = dict(QZ.encode(entry(), scheme, result, first_row=0))
+    assert pieces["layer.weight"].tolist() == result.codes.tolist()
+    assert pieces["layer.weight_scale"].shape == (1, 2)
+    assert pieces["layer.weight_zero_point"].dtype == np.int8
+
+
+def test_qz_per_tensor_scale_goes_with_the_first_rows_only() -> None:
+    scheme = Scheme("absmax", "tensor", clip="none")
+    result = quantize_rows(X, scheme)
+    assert [name for name, _ in QZ.encode(entry(), scheme, result, first_row=0)] == [
+        "layer.weight", "layer.weight_scale"]
+    assert [name for name, _ in QZ.encode(entry(), scheme, result, first_row=5)] == [
+        "layer.weight"]
+
+
+def test_qz_metadata_describes_every_quantized_tensor() -> None:
+    metadata = QZ.shard_metadata({"format": "pt"}, [
+        QuantizedWeight(entry("b", "BF16"), Scheme("absmax", "tensor")),
+        QuantizedWeight(entry("a"), Scheme("affine", "block", 64))])
+    assert metadata["format"] == "pt" and metadata["qz.format_version"] == "1"
+    assert metadata["qz.tensors"] == (
+        '{"a":{"block":64,"dtype":"F32","granularity":"block","method":"affine"},'
+        '"b":{"block":null,"clip":"mse","dtype":"BF16","granularity":"tensor",'
+        '"method":"absmax"}}')
+
+
+def test_qz_reads_back_what_it_encoded(tmp_path: Path) -> None:
+    scheme = Scheme("affine", "channel")
+    result = quantize_rows(X, scheme)
+    metadata = QZ.shard_metadata({}, [QuantizedWeight(entry(), scheme)])
+    path = write_safetensors(tmp_path / "q.safetensors", dict(
+        QZ.encode(entry(), scheme, result, 0)), metadata)
+    with SafetensorsReader(path) as reader:
+        assert detect(reader.header) is QZ and QZ.version(reader.header) == "1"
+        (weight,) = QZ.find(reader)
+        assert (weight.name, weight.shape, weight.dtype, weight.scheme) == (
+            "layer.weight", (1, 8), "F32", Scheme("affine", "channel"))
+        assert weight.description == "INT8 affine channel"
+        rows = QZ.read_rows(reader, weight, 0, 1)
+    assert rows["codes"].tolist() == result.codes.tolist()
+    values = QZ.dequantize_rows(weight, rows, np.float32, path)
+    # s = 9.6/255, z = -38: every value within s/2.
+    assert np.abs(values - X).max() <= 9.6 / 255 / 2
+
+
+# ----------------------------------------------------------------- compressed-tensors
+
+
+def test_ct_stored_tensors_and_packed_bytes() -> None:
+    scheme = Scheme("absmax", "block", 64)
+    assert stored("compressed-tensors", scheme, entry("l.weight", "BF16", (64, 256))) == [
+        ("l.weight_packed", "I32", (64, 64), "codes"),
+        ("l.weight_scale", "BF16", (64, 4), "scale"),
+        ("l.weight_shape", "I64", (2,), "shape")]
+    rows = np.array([[-1.0, -0.5, 0.0, 1.0]], np.float32)
+    result = quantize_rows(rows, Scheme("absmax", "channel"))
+    pieces = dict(CT.encode(entry("l.weight", "F32", (1, 4)), Scheme("absmax", "channel"),
+                            result, 0))
+    # codes -127, -64, 0, 127 are stored as q + 128: 1, 64, 128, 255.
+    assert pieces["l.weight_packed"].tolist() == [[1, 64, 128, 255]]
+    assert pieces["l.weight_shape"].tolist() == [1, 4]
+
+
+def test_ct_scales_are_rounded_up_to_the_weight_dtype() -> None:
+    rows = (np.arange(256, dtype=np.float32).reshape(2, 128) - 100) / 7
+    result = CT.quantize_rows(entry("l.weight", "BF16", (2, 128)),
+                              rows.astype(ml_dtypes.bfloat16), Scheme("absmax", "channel"),
+                              tensor_range=None, with_stats=False)
+    exact = np.abs(rows).max(axis=1, keepdims=True) / 127
+    assert (result.scale >= exact).all()  # rounded up: no value needs clipping
+    assert np.array_equal(result.scale.astype(ml_dtypes.bfloat16).astype(np.float32),
+                          result.scale)
+
+
+@pytest.mark.parametrize("scheme,fragment", [
+    (Scheme("affine", "channel"), "affine is not supported"),
+    (Scheme("absmax", "tensor"), "per tensor is not supported"),
+    (Scheme("absmax", "block", 48), "block 48 is not supported"),
+])
+def test_ct_refuses_what_vllm_cannot_load(scheme: Scheme, fragment: str) -> None:
+    with pytest.raises(SchemeError, match=fragment):
+        CT.check_scheme(scheme)
+
+
+@pytest.mark.parametrize("name,shape,reason", [
+    ("l.bias", (128, 128), "not a layer's .weight"),
+    ("model.embed_tokens.weight", (128, 128), "an embedding"),
+    ("conv.weight", (128, 128, 3), "3-D"),
+    ("l.weight", (64, 344), "vLLM's INT8 kernel needs in_features a multiple of 128"),
+    ("l.weight", (32, 128), "and out_features of 64"),
+])
+def test_ct_keeps_what_vllm_cannot_quantize(name: str, shape: tuple[int, ...],
+                                            reason: str) -> None:
+    kept = CT.keep_reason(entry(name, "BF16", shape), Scheme("absmax", "channel"))
+    assert kept is not None and kept.startswith("kept for vLLM: ") and reason in kept
+    assert CT.keep_reason(entry("l.weight", "BF16", (64, 128)), Scheme()) is None
+
+
+def test_ct_config_ignores_linear_weights_left_in_float() -> None:
+    config = CT.model_config({"model_type": "llama"}, Scheme("absmax", "block", 128), [
+        entry("model.embed_tokens.weight", "BF16", (256, 128)),
+        entry("model.norm.weight", "BF16", (128,))])
+    assert config is not None and config["model_type"] == "llama"
+    quantization = config["quantization_config"]
+    assert quantization["ignore"] == ["model.embed_tokens"]
+    assert quantization["config_groups"]["group_0"]["weights"]["group_size"] == 128
+
+
+def test_ct_reads_pack_quantized_and_int_quantized(tmp_path: Path) -> None:
+    codes = np.array([[-128, -1, 0, 127], [2, 4, 6, 8]], np.int8)
+    scale = np.array([[0.5], [0.25]], ml_dtypes.bfloat16)
+    path = tmp_path / "ct.safetensors"
+    path.write_bytes(raw_safetensors({
+        "p.weight_packed": ("I32", [2, 1], (codes.view(np.uint8) ^ 0x80).tobytes()),
+        "p.weight_scale": ("BF16", [2, 1], scale.tobytes()),
+        "p.weight_shape": ("I64", [2], np.array([2, 4], np.int64).tobytes()),
+        "i.weight": ("I8", [2, 4], codes.tobytes()),
+        "i.weight_scale": ("BF16", [2, 1], scale.tobytes()),
+        "i.weight_zero_point": ("I8", [2, 1], np.array([[1], [2]], np.int8).tobytes())}))
+    with SafetensorsReader(path) as reader:
+        assert detect(reader.header) is CT and CT.version(reader.header) is None
+        weights = {weight.name: weight for weight in CT.find(reader)}
+        packed = weights["p.weight"]
+        assert packed.description == "compressed-tensors pack-quantized INT8 absmax channel"
+        assert (packed.shape, packed.dtype) == ((2, 4), "BF16")
+        assert weights["i.weight"].scheme == Scheme("affine", "channel")
+        restored = {name: CT.dequantize_rows(weight, CT.read_rows(reader, weight, 0, 2),
+                                             np.float32, path)
+                    for name, weight in weights.items()}
+    assert restored["p.weight"].tolist() == [[-64.0, -0.5, 0.0, 63.5], [0.5, 1.0, 1.5, 2.0]]
+    assert restored["i.weight"].tolist() == [[-64.5, -1.0, -0.5, 63.0], [0.0, 0.5, 1.0, 1.5]]
+
+
+def test_a_qz_file_is_not_taken_for_compressed_tensors(tmp_path: Path) -> None:
+    # A qz file with a ".weight" I8 tensor and its F32 scale looks like int-quantized;
+    # the qz metadata decides, because detection tries qz first.
+    scheme = Scheme("absmax", "channel")
+    metadata = QZ.shard_metadata({}, [QuantizedWeight(entry(), scheme)])
+    path = write_safetensors(tmp_path / "q.safetensors", dict(
+        QZ.encode(entry(), scheme, quantize_rows(X, scheme), 0)), metadata)
+    with SafetensorsReader(path) as reader:
+        assert CT.recognises(reader.header) and detect(reader.header) is QZ
+
+
+def test_json_of_the_ct_config_is_what_compressed_tensors_reads() -> None:
+    config = CT.model_config(None, Scheme("absmax", "channel"), [])
+    assert config is not None
+    assert json.loads(json.dumps(config))["quantization_config"]["format"] == "pack-quantized"
