@@ -31,7 +31,10 @@ CODES = {
     np.dtype(ml_dtypes.bfloat16): "BF16",
     np.dtype(np.int8): "I8",
     np.dtype(np.uint8): "U8",
+    np.dtype(np.int16): "I16",
+    np.dtype(np.uint16): "U16",
     np.dtype(np.int32): "I32",
+    np.dtype(np.uint32): "U32",
     np.dtype(np.int64): "I64",
     np.dtype(np.bool_): "BOOL",
 }

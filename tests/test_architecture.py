@@ -17,8 +17,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "quantize_cli"
 LAYERS = ["core", "storage", "formats", "jobs", "cli"]
 #: What the jobs and the CLI may take from the formats package: the codec interface and
 #: the registry, never a codec of their own choosing.
-FORMAT_INTERFACE = {"FORMATS", "DEFAULT_FORMAT", "Codec", "QuantizedWeight", "Role",
-                    "StoredRows", "StoredTensor", "StoredWeight", "codec_for", "detect"}
+FORMAT_INTERFACE = {"FORMATS", "DEFAULT_FORMAT", "Codec", "Deployment", "QuantizedWeight",
+                    "Role", "StoredRows", "StoredTensor", "StoredWeight", "codec_for", "detect"}
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -38,8 +38,11 @@ def test_export_layout_config_and_ignore_list(tmp_path: Path) -> None:
     reasons = {t["name"]: t["reason"] for t in report["tensors"]}
     assert reasons["model.embed_tokens.weight"] == (
         "kept for vLLM: an embedding (vLLM quantizes Linear layers only)")
-    assert reasons["model.layers.0.mlp.down_proj.weight"].startswith(
-        "kept for vLLM: shape 128×344: vLLM's INT8 kernel needs in_features a multiple of 128")
+    assert reasons["model.layers.0.mlp.down_proj.weight"] == (
+        "kept for vLLM: shape 128×344: vLLM's kernel needs 344 input features a multiple of "
+        "128 and 128 output features a multiple of 64")
+    assert reasons["lm_head.weight"] == (
+        "kept for vLLM: the output head stays in its dtype, as llm-compressor does")
     config = json.loads((output / "config.json").read_text())
     assert config["model_type"] == "llama"  # the model's own config, kept
     quantization = config["quantization_config"]
@@ -48,15 +51,16 @@ def test_export_layout_config_and_ignore_list(tmp_path: Path) -> None:
         "num_bits": 8, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64,
         "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax",
         "observer_kwargs": {}}
-    assert "model.layers.0.mlp.down_proj" in quantization["ignore"]
-    assert "lm_head" not in quantization["ignore"]
+    assert quantization["ignore"] == ["lm_head"] + [
+        f"model.layers.{layer}.mlp.{name}" for layer in (0, 1)
+        for name in ("down_proj", "gate_proj", "up_proj")]
     index = json.loads((output / "model.safetensors.index.json").read_text())
-    shard = output / index["weight_map"]["lm_head.weight_packed"]
-    _, tensors = read_with_safetensors(shard)
-    assert tensors["lm_head.weight_packed"][:2] == ("I32", [256, 32])
-    assert tensors["lm_head.weight_scale"][:2] == ("BF16", [256, 2])
-    assert to_array(*tensors["lm_head.weight_shape"]).tolist() == [256, 128]
-    assert "lm_head.weight" not in tensors
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    _, tensors = read_with_safetensors(output / index["weight_map"][q_proj + "_packed"])
+    assert tensors[q_proj + "_packed"][:2] == ("I32", [128, 32])
+    assert tensors[q_proj + "_scale"][:2] == ("BF16", [128, 2])
+    assert to_array(*tensors[q_proj + "_shape"]).tolist() == [128, 128]
+    assert q_proj not in tensors
 
 
 def test_reading_int_quantized_checkpoints(tmp_path: Path) -> None:

@@ -13,12 +13,13 @@ import pytest
 
 from conftest import raw_safetensors, write_safetensors
 from quantize_cli.core import Scheme, quantize_rows
-from quantize_cli.errors import SchemeError
-from quantize_cli.formats import FORMATS, QuantizedWeight, codec_for, detect
+from quantize_cli.errors import QuantizedFormatError, SchemeError
+from quantize_cli.formats import FORMATS, Deployment, QuantizedWeight, codec_for, detect
 from quantize_cli.storage.header import TensorEntry
 from quantize_cli.storage.reader import SafetensorsReader
 
-QZ, CT = codec_for("qz"), codec_for("compressed-tensors")
+QZ, CT, MLX = codec_for("qz"), codec_for("compressed-tensors"), codec_for("mlx")
+ONE = Deployment()
 X = np.array([[1.6, -0.7, -3.4, 1.7, -2.9, 0.5, 2.3, 6.2]], dtype=np.float32)
 
 
@@ -37,9 +38,9 @@ def stored(codec_name: str, scheme: Scheme, tensor: TensorEntry) -> Stored:
 
 
 def test_registry_names_and_unknown_format() -> None:
-    assert list(FORMATS) == ["qz", "compressed-tensors"]
+    assert list(FORMATS) == ["qz", "compressed-tensors", "mlx"]
     with pytest.raises(SchemeError, match="unknown format 'gguf' \\(choose from qz, "
-                                          "compressed-tensors\\)"):
+                                          "compressed-tensors, mlx\\)"):
         codec_for("gguf")
 
 
@@ -96,7 +97,7 @@ def test_qz_reads_back_what_it_encoded(tmp_path: Path) -> None:
         QZ.encode(entry(), scheme, result, 0)), metadata)
     with SafetensorsReader(path) as reader:
         assert detect(reader.header) is QZ and QZ.version(reader.header) == "1"
-        (weight,) = QZ.find(reader)
+        (weight,) = QZ.find(reader, None)
         assert (weight.name, weight.shape, weight.dtype, weight.scheme) == (
             "layer.weight", (1, 8), "F32", Scheme("affine", "channel"))
         assert weight.description == "INT8 affine channel"
@@ -148,26 +149,48 @@ def test_ct_refuses_what_vllm_cannot_load(scheme: Scheme, fragment: str) -> None
 
 @pytest.mark.parametrize("name,shape,reason", [
     ("l.bias", (128, 128), "not a layer's .weight"),
+    ("lm_head.weight", (256, 128), "the output head stays in its dtype"),
     ("model.embed_tokens.weight", (128, 128), "an embedding"),
     ("conv.weight", (128, 128, 3), "3-D"),
-    ("l.weight", (64, 344), "vLLM's INT8 kernel needs in_features a multiple of 128"),
-    ("l.weight", (32, 128), "and out_features of 64"),
+    ("l.weight", (64, 344), "needs 344 input features a multiple of 128"),
+    ("l.weight", (32, 128), "and 32 output features a multiple of 64"),
 ])
 def test_ct_keeps_what_vllm_cannot_quantize(name: str, shape: tuple[int, ...],
                                             reason: str) -> None:
-    kept = CT.keep_reason(entry(name, "BF16", shape), Scheme("absmax", "channel"))
+    kept = CT.keep_reason(entry(name, "BF16", shape), Scheme("absmax", "channel"), ONE)
     assert kept is not None and kept.startswith("kept for vLLM: ") and reason in kept
-    assert CT.keep_reason(entry("l.weight", "BF16", (64, 128)), Scheme()) is None
+    assert CT.keep_reason(entry("l.weight", "BF16", (64, 128)), Scheme(), ONE) is None
 
 
-def test_ct_config_ignores_linear_weights_left_in_float() -> None:
+def test_ct_tensor_parallel_splits_the_right_side() -> None:
+    # On 4 GPUs a column-parallel layer keeps every input feature and a quarter of its
+    # outputs; a row-parallel one the other way round.
+    scheme = Scheme("absmax", "block", 128)
+    four = Deployment(tensor_parallel=4)
+    up, down = entry("m.up_proj.weight", "BF16", (1024, 256)), entry(
+        "m.down_proj.weight", "BF16", (256, 1024))
+    assert CT.keep_reason(up, scheme, four) is None  # 256 outputs per GPU
+    assert CT.keep_reason(down, scheme, four) is None  # 256 inputs per GPU
+    odd = CT.keep_reason(entry("m.down_proj.weight", "BF16", (256, 642)), scheme, four)
+    assert odd == "kept for vLLM: input features 642 do not split over 4 GPUs"
+    assert CT.keep_reason(entry("m.o_proj.weight", "BF16", (256, 768)), scheme, four) == (
+        "kept for vLLM: shape 256×768 per GPU with --tensor-parallel 4: vLLM's kernel needs "
+        "192 input features a multiple of 128 and 256 output features a multiple of 64")
+    # Two key/value heads on four GPUs: each GPU holds a whole head of 128.
+    gqa = Deployment(tensor_parallel=4, config={"num_key_value_heads": 2})
+    assert CT.keep_reason(entry("m.k_proj.weight", "BF16", (256, 256)), scheme, gqa) is None
+
+
+def test_ct_config_ignores_the_head_and_linear_weights_left_in_float() -> None:
     config = CT.model_config({"model_type": "llama"}, Scheme("absmax", "block", 128), [
         entry("model.embed_tokens.weight", "BF16", (256, 128)),
+        entry("model.layers.0.mlp.down_proj.weight", "BF16", (128, 344)),
         entry("model.norm.weight", "BF16", (128,))])
     assert config is not None and config["model_type"] == "llama"
     quantization = config["quantization_config"]
-    assert quantization["ignore"] == ["model.embed_tokens"]
+    assert quantization["ignore"] == ["lm_head", "model.layers.0.mlp.down_proj"]
     assert quantization["config_groups"]["group_0"]["weights"]["group_size"] == 128
+    assert CT.model_config(None, Scheme(), []) is None  # no config.json: none is invented
 
 
 def test_ct_reads_pack_quantized_and_int_quantized(tmp_path: Path) -> None:
@@ -183,7 +206,7 @@ def test_ct_reads_pack_quantized_and_int_quantized(tmp_path: Path) -> None:
         "i.weight_zero_point": ("I8", [2, 1], np.array([[1], [2]], np.int8).tobytes())}))
     with SafetensorsReader(path) as reader:
         assert detect(reader.header) is CT and CT.version(reader.header) is None
-        weights = {weight.name: weight for weight in CT.find(reader)}
+        weights = {weight.name: weight for weight in CT.find(reader, None)}
         packed = weights["p.weight"]
         assert packed.description == "compressed-tensors pack-quantized INT8 absmax channel"
         assert (packed.shape, packed.dtype) == ((2, 4), "BF16")
@@ -206,7 +229,77 @@ def test_a_qz_file_is_not_taken_for_compressed_tensors(tmp_path: Path) -> None:
         assert CT.recognises(reader.header) and detect(reader.header) is QZ
 
 
+# ------------------------------------------------------------------------ qz config
+
+
+def test_qz_config_makes_loaders_refuse_and_dequantize_restores_it() -> None:
+    original = {"model_type": "llama", "dtype": "bfloat16", "vocab_size": 256}
+    config = QZ.model_config(original, Scheme(), [])
+    assert config is not None
+    assert config["dtype"] == config["torch_dtype"] == (
+        "qz: quantized weights; run `qz dequantize` to restore them")
+    assert config["quantization_config"] == {"quant_method": "qz", "format_version": "1",
+                                             "replaced": {"dtype": "bfloat16"}}
+    assert QZ.float_config(config) == original
+    assert QZ.model_config(None, Scheme(), []) is None
+
+
+# ------------------------------------------------------------------------------- mlx
+
+
+def test_mlx_stored_tensors_and_what_it_keeps() -> None:
+    scheme = MLX.default_scheme
+    assert scheme == Scheme("affine", "block", 64)
+    assert stored("mlx", scheme, entry("m.q_proj.weight", "BF16", (64, 256))) == [
+        ("m.q_proj.weight", "U32", (64, 64), "codes"),
+        ("m.q_proj.scales", "BF16", (64, 4), "scale"),
+        ("m.q_proj.biases", "BF16", (64, 4), "bias")]
+    assert MLX.keep_reason(entry("m.w.weight", "BF16", (64, 344)), scheme, ONE) == (
+        "kept for MLX: the last dimension, 344, is not a multiple of the group size 64")
+    assert "Linear and Embedding" in (MLX.keep_reason(entry("m.norm.weight", "BF16", (64,)),
+                                                      scheme, ONE) or "")
+    with pytest.raises(SchemeError, match="per channel is not supported"):
+        MLX.check_scheme(Scheme("affine", "channel"))
+
+
+def test_mlx_round_trip_through_a_file(tmp_path: Path) -> None:
+    rows = (np.random.default_rng(0).standard_normal((4, 128)) * 0.1).astype(ml_dtypes.bfloat16)
+    tensor = entry("m.w.weight", "BF16", (4, 128))
+    scheme = Scheme("affine", "block", 64)
+    result = MLX.quantize_rows(tensor, rows, scheme, tensor_range=None, with_stats=True)
+    assert result.stats is not None and result.stats.sqnr_db > 40
+    pieces = dict(MLX.encode(tensor, scheme, result, 0))
+    pieces["m.w.weight"] = pieces["m.w.weight"].view(np.uint32)  # the codes, four to a word
+    path = write_safetensors(tmp_path / "model.safetensors", pieces,
+                             MLX.shard_metadata({"format": "pt"}, []))
+    config = MLX.model_config({"model_type": "llama"}, scheme, [])
+    assert config is not None and config["quantization"] == {
+        "group_size": 64, "bits": 8, "mode": "affine"} == config["quantization_config"]
+    with SafetensorsReader(path) as reader:
+        assert reader.header.metadata == {"format": "mlx"} and detect(reader.header) is MLX
+        (weight,) = MLX.find(reader, config)
+        assert (weight.name, weight.shape, weight.dtype) == ("m.w.weight", (4, 128), "BF16")
+        restored = MLX.dequantize_rows(weight, MLX.read_rows(reader, weight, 0, 4),
+                                       np.float32, path)
+    error = restored - rows.astype(np.float32)
+    assert 10 * np.log10((rows.astype(np.float32) ** 2).sum() / (error ** 2).sum()) == \
+        pytest.approx(result.stats.sqnr_db, abs=1e-4)
+    assert MLX.float_config(config) == {"model_type": "llama"}
+    assert MLX.float_metadata({"format": "mlx"}) == {"format": "pt"}
+
+
+def test_mlx_needs_its_config_to_read(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(raw_safetensors({
+        "w.weight": ("U32", [1, 16], bytes(64)),
+        "w.scales": ("F16", [1, 1], np.float16([1]).tobytes()),
+        "w.biases": ("F16", [1, 1], np.float16([0]).tobytes())}))
+    with SafetensorsReader(path) as reader, pytest.raises(
+            QuantizedFormatError, match=r"config.json has no 'quantization' entry"):
+        MLX.find(reader, None)
+
+
 def test_json_of_the_ct_config_is_what_compressed_tensors_reads() -> None:
-    config = CT.model_config(None, Scheme("absmax", "channel"), [])
+    config = CT.model_config({}, Scheme("absmax", "channel"), [])
     assert config is not None
     assert json.loads(json.dumps(config))["quantization_config"]["format"] == "pack-quantized"

@@ -1,93 +1,278 @@
-"""Interoperability: compressed-tensors' own decompression of qz's export gives exactly
-qz's dequantized values, bit for bit. Needs the ``interop`` extra (torch and
-compressed-tensors): ``pip install -e '.[interop]'``; skipped without it."""
+"""Interoperability: the tools people run models with load what qz writes, on CPU.
+
+* compressed-tensors' own decompression of qz's export equals qz's dequantized values
+  bit for bit, and transformers (with compressed-tensors) runs the export and gives the
+  logits of qz's dequantized folder, with tied and untied embeddings;
+* transformers refuses a qz-format folder, naming qz;
+* MLX: ``mx.dequantize`` of qz's MLX export equals qz's dequantize bit for bit, its error
+  is no worse than ``mx.quantize``'s, and mlx-lm loads the folder and generates;
+* a sentence-transformers folder (with ``1_Pooling/``) survives quantize and dequantize
+  and still loads.
+
+Needs the ``interop`` extra (``pip install -e '.[interop]'``); each part is skipped
+without its library.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_safetensors
-from quantize_cli.cli.main import qz
+from conftest import run_ok, write_safetensors
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("compressed_tensors")
-from compressed_tensors.compressors.pack_quantized.base import (  # noqa: E402
-    PackedQuantizationCompressor,
-)
-from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
-from safetensors import safe_open  # noqa: E402
+transformers = pytest.importorskip("transformers")
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_weights"
+VOCAB = 256
 
 
-def export_and_restore(source: Path, folder: Path, *flags: str) -> tuple[Path, Path]:
+def qz(*args: str) -> str:
+    return run_ok(CliRunner(), *args)
+
+
+def export_and_restore(source: Path, folder: Path, *flags: str,
+                       format_name: str = "compressed-tensors") -> tuple[Path, Path]:
     exported, restored = folder / "export", folder / "restored"
-    runner = CliRunner()
-    result = runner.invoke(qz, ["quantize", str(source), "--format", "compressed-tensors",
-                                "-o", str(exported), "-q", *flags])
-    assert result.exit_code == 0, result.stderr
-    result = runner.invoke(qz, ["dequantize", str(exported), "-o", str(restored), "-q"])
-    assert result.exit_code == 0, result.stderr
+    qz("quantize", str(source), "--format", format_name, "-o", str(exported), "-q", *flags)
+    qz("dequantize", str(exported), "-o", str(restored), "-q")
     return exported, restored
 
 
-def decompressed_by_compressed_tensors(exported: Path) -> dict[str, torch.Tensor]:
-    config = json.loads((exported / "config.json").read_text())["quantization_config"]
-    parsed = QuantizationConfig.model_validate(config)  # the library accepts our config
-    scheme = parsed.config_groups["group_0"]
-    weights = {}
-    for shard in sorted(exported.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                if not name.endswith(".weight_packed"):
-                    continue
-                module = name.removesuffix("weight_packed")
-                state = {part: handle.get_tensor(module + part)
-                         for part in ("weight_packed", "weight_scale", "weight_shape")}
-                weights[module + "weight"] = PackedQuantizationCompressor.decompress(
-                    state, scheme)["weight"]
-    return weights
+def tensors_of(folder: Path, framework: str = "pt") -> dict[str, Any]:
+    from safetensors import safe_open
 
-
-def restored_by_qz(restored: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    files = sorted(restored.glob("*.safetensors")) if restored.is_dir() else [restored]
     found = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in names:
-                if name in handle.keys():  # noqa: SIM118 - a safetensors handle
-                    found[name] = handle.get_tensor(name)
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework=framework) as handle:
+            for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                found[name] = handle.get_tensor(name)
     return found
+
+
+def llama_folder(folder: Path, *, tied: bool, with_tokenizer: bool = False) -> Path:
+    """A small Llama-shaped BF16 model saved the way transformers saves it; its Linear
+    layers meet vLLM's shape rules, and its last dimensions divide by MLX's groups."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    if with_tokenizer:
+        save_tokenizer(folder)
+    return folder
+
+
+def save_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{f"w{i}": i for i in range(4, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>")
+    tokenizer.save_pretrained(folder)
+
+
+def logits(folder: Path) -> Any:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        return model(torch.arange(3, 35).reshape(1, -1)).logits
+
+
+# ----------------------------------------------------------------- compressed-tensors
+
+
+def decompressed_by_compressed_tensors(exported: Path) -> dict[str, Any]:
+    compressors = pytest.importorskip("compressed_tensors.compressors.pack_quantized.base")
+    from compressed_tensors.quantization import QuantizationConfig
+
+    config = json.loads((exported / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(config).config_groups["group_0"]
+    stored = tensors_of(exported)
+    weights = {}
+    for name in stored:
+        if name.endswith(".weight_packed"):
+            module = name.removesuffix("weight_packed")
+            state = {part: stored[module + part]
+                     for part in ("weight_packed", "weight_scale", "weight_shape")}
+            weights[module + "weight"] = compressors.PackedQuantizationCompressor.decompress(
+                state, scheme)["weight"]
+    return weights
 
 
 @pytest.mark.parametrize("flags", [["--per-channel"], ["--block", "128"], ["--block", "64"],
                                    ["--block", "32"]])
-def test_bf16_sample_bit_for_bit(tmp_path: Path, flags: list[str]) -> None:
+def test_ct_bf16_sample_bit_for_bit(tmp_path: Path, flags: list[str]) -> None:
     exported, restored = export_and_restore(SAMPLES / "tiny_llama_sharded", tmp_path, *flags)
     theirs = decompressed_by_compressed_tensors(exported)
-    ours = restored_by_qz(restored, list(theirs))
-    assert len(theirs) == 9 and set(ours) == set(theirs)
+    ours = tensors_of(restored)
+    assert len(theirs) == 8  # the 2 × 4 attention projections; lm_head stays in BF16
     for name, weight in theirs.items():
         assert weight.dtype == ours[name].dtype == torch.bfloat16
         assert torch.equal(weight.view(torch.int16), ours[name].view(torch.int16)), name
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
-def test_other_dtypes_bit_for_bit(tmp_path: Path, dtype: type) -> None:
+def test_ct_other_dtypes_bit_for_bit(tmp_path: Path, dtype: type) -> None:
     rng = np.random.default_rng(0)
-    source = write_safetensors(tmp_path / "model.safetensors", {
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_safetensors(folder / "model.safetensors", {
         f"layers.{i}.proj.weight": (rng.standard_normal((128, 256)) * 0.05).astype(dtype)
         for i in range(2)})
-    exported, restored = export_and_restore(source, tmp_path, "--block", "128")
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    exported, restored = export_and_restore(folder, tmp_path, "--block", "128")
     theirs = decompressed_by_compressed_tensors(exported)
-    ours = restored_by_qz(restored, list(theirs))
+    ours = tensors_of(restored)
     assert len(theirs) == 2
     for name, weight in theirs.items():
         assert weight.dtype == ours[name].dtype
         assert torch.equal(weight.view(torch.uint8), ours[name].view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_transformers_runs_the_ct_export_like_the_dequantized_folder(tmp_path: Path,
+                                                                     tied: bool) -> None:
+    pytest.importorskip("compressed_tensors")
+    source = llama_folder(tmp_path / "llama", tied=tied)
+    exported, restored = export_and_restore(source, tmp_path, "--block", "128")
+    config = json.loads((exported / "config.json").read_text())
+    assert config["quantization_config"]["ignore"] == ["lm_head"]
+    assert ("lm_head.weight" in tensors_of(exported)) is not tied
+    ours, theirs = logits(restored), logits(exported)
+    assert torch.equal(ours, theirs)
+    # And quantization changed the model only a little.
+    original = logits(source)
+    assert torch.nn.functional.cosine_similarity(original.flatten().float(),
+                                                 theirs.flatten().float(), dim=0) > 0.999
+
+
+def test_transformers_refuses_a_qz_folder_naming_qz(tmp_path: Path) -> None:
+    source = llama_folder(tmp_path / "llama", tied=False)
+    quantized = tmp_path / "llama.int8"
+    qz("quantize", str(source), "-o", str(quantized), "-q")
+    for load in (transformers.AutoModelForCausalLM.from_pretrained,
+                 transformers.LlamaForCausalLM.from_pretrained):
+        with pytest.raises(Exception, match="qz: quantized weights; run `qz dequantize`"):
+            load(quantized)
+    # Dequantized, it loads again, as the model it was.
+    restored = tmp_path / "restored"
+    qz("dequantize", str(quantized), "-o", str(restored), "-q")
+    assert json.loads((restored / "config.json").read_text()) == json.loads(
+        (source / "config.json").read_text())
+    assert torch.nn.functional.cosine_similarity(
+        logits(source).flatten().float(), logits(restored).flatten().float(), dim=0) > 0.999
+
+
+# ------------------------------------------------------------------------------- MLX
+
+
+def mlx_quantized(exported: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    mx = pytest.importorskip("mlx.core")
+    weights: dict[str, Any] = {}
+    for path in sorted(exported.glob("*.safetensors")):
+        weights.update(mx.load(str(path)))
+    config = json.loads((exported / "config.json").read_text())
+    return mx, weights, config["quantization"]
+
+
+@pytest.mark.parametrize("block", ["32", "64", "128"])
+@pytest.mark.parametrize("method", ["affine", "absmax"])
+def test_mlx_dequantize_equals_qz_bit_for_bit(tmp_path: Path, block: str, method: str) -> None:
+    source = llama_folder(tmp_path / "llama", tied=False)
+    exported, restored = export_and_restore(source, tmp_path, "--block", block, "--method",
+                                            method, format_name="mlx")
+    mx, weights, quantization = mlx_quantized(exported)
+    assert quantization == {"group_size": int(block), "bits": 8, "mode": "affine"}
+    ours = tensors_of(restored, "numpy")
+    quantized = [name.removesuffix(".scales") for name in weights if name.endswith(".scales")]
+    assert len(quantized) == 2 * 7 + 2  # every projection, the embedding and the head
+    for module in quantized:
+        theirs = mx.dequantize(weights[f"{module}.weight"], weights[f"{module}.scales"],
+                               weights[f"{module}.biases"], group_size=int(block), bits=8)
+        assert theirs.dtype == mx.bfloat16
+        theirs_bits = np.array(theirs.view(mx.uint16))
+        assert np.array_equal(theirs_bits, ours[f"{module}.weight"].view(np.uint16)), module
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_mlx_error_is_no_worse_than_mlx_quantize(tmp_path: Path, dtype: str) -> None:
+    mx = pytest.importorskip("mlx.core")
+    rng = np.random.default_rng(1)
+    values = {"a.weight": rng.standard_normal((256, 512)) * 0.02,
+              "b.weight": rng.standard_t(3, (256, 512)) * 0.02}
+    folder = tmp_path / "model"
+    folder.mkdir()
+    numpy_type = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    write_safetensors(folder / "model.safetensors",
+                      {name: v.astype(np.float32).astype(numpy_type) for name, v in values.items()})
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    exported, _ = export_and_restore(folder, tmp_path, format_name="mlx")
+    _, weights, _ = mlx_quantized(exported)
+    for name in values:
+        module = name.removesuffix(".weight")
+        original = mx.array(values[name].astype(np.float32)).astype(getattr(mx, dtype))
+        reference = np.array(original.astype(mx.float32), dtype=np.float64)
+        ours = mx.dequantize(weights[name], weights[f"{module}.scales"],
+                             weights[f"{module}.biases"], group_size=64, bits=8)
+        theirs = mx.dequantize(*mx.quantize(original, group_size=64, bits=8), group_size=64,
+                               bits=8)
+        ours_error = ((np.array(ours.astype(mx.float32)) - reference) ** 2).sum()
+        theirs_error = ((np.array(theirs.astype(mx.float32)) - reference) ** 2).sum()
+        assert ours_error <= theirs_error, (name, ours_error, theirs_error)
+
+
+def test_mlx_lm_loads_the_export_and_generates(tmp_path: Path) -> None:
+    mlx_lm = pytest.importorskip("mlx_lm")
+    source = llama_folder(tmp_path / "llama", tied=True, with_tokenizer=True)
+    exported = tmp_path / "llama.mlx"
+    qz("quantize", str(source), "--format", "mlx", "-o", str(exported), "-q")
+    model, tokenizer = mlx_lm.load(str(exported))
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
+    text = mlx_lm.generate(model, tokenizer, prompt="w5 w6 w7", max_tokens=4)
+    assert isinstance(text, str)
+
+
+# -------------------------------------------------------------- sentence-transformers
+
+
+def test_sentence_transformers_folder_round_trips_and_still_loads(tmp_path: Path) -> None:
+    st = pytest.importorskip("sentence_transformers")
+    torch.manual_seed(0)
+    bert = transformers.BertConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=256,
+                                   max_position_embeddings=64)
+    folder = tmp_path / "encoder"
+    transformers.BertModel(bert).save_pretrained(folder)
+    save_tokenizer(folder)
+    try:  # sentence-transformers 6 moved its modules
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    except ImportError:
+        from sentence_transformers.models import Pooling, Transformer
+    encoder = st.SentenceTransformer(modules=[Transformer(str(folder)), Pooling(128, "mean")])
+    saved = tmp_path / "minilm"
+    encoder.save(str(saved))
+    assert (saved / "1_Pooling" / "config.json").is_file()
+    quantized, restored = tmp_path / "minilm.int8", tmp_path / "minilm.dequant"
+    qz("quantize", str(saved), "-o", str(quantized), "-q")
+    qz("dequantize", str(quantized), "-o", str(restored), "-q")
+    for output in (quantized, restored):
+        assert (output / "1_Pooling" / "config.json").read_text() == (
+            saved / "1_Pooling" / "config.json").read_text()
+        assert (output / "modules.json").is_file() and (output / "tokenizer.json").is_file()
+    sentences = ["w4 w5 w6", "w9 w8 w7 w6"]
+    before = st.SentenceTransformer(str(saved)).encode(sentences)
+    after = st.SentenceTransformer(str(restored)).encode(sentences)
+    cosine = (before * after).sum(1) / np.linalg.norm(before, axis=1) / np.linalg.norm(
+        after, axis=1)
+    assert cosine.min() > 0.999

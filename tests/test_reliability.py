@@ -419,9 +419,8 @@ def test_G59_G60_G61_outputs_that_cannot_be_used(runner: CliRunner, tmp_path: Pa
     existing.write_bytes(b"mine")
     assert_refused(runner, tmp_path, ["quantize", str(path)], 1, "already exists")
     existing.unlink()
-    (tmp_path / "folder").mkdir()
-    assert_refused(runner, tmp_path, ["quantize", str(path), "-o", str(tmp_path / "folder")],
-                   1, "is a directory")
+    assert_refused(runner, tmp_path, ["quantize", str(path), "-o", "-"], 1,
+                   "'-' is not an output: qz writes files and folders, not to stdout")
     assert_refused(runner, tmp_path, ["quantize", str(path), "-o",
                                       str(tmp_path / "none" / "x.safetensors")], 1,
                    f"directory '{tmp_path / 'none'}' does not exist")

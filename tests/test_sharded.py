@@ -48,7 +48,10 @@ def test_sharded_round_trip(runner: CliRunner, sharded: Path) -> None:
     assert f"Wrote {output}" in stdout
     assert sorted(os.listdir(output)) == sorted(
         [SHARD_1, SHARD_2, "model.safetensors.index.json", "config.json", "tokenizer.json"])
-    assert (output / "config.json").read_text() == '{"model_type": "llama"}'
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["dtype"].startswith("qz: ")
+    assert config["quantization_config"] == {"quant_method": "qz", "format_version": "1",
+                                             "replaced": {}}
     index = json.loads((output / "model.safetensors.index.json").read_text())
     assert index["weight_map"]["layers.1.q.weight_scale"] == SHARD_2
     assert index["weight_map"]["layers.0.q.weight_zero_point"] == SHARD_1
@@ -68,6 +71,7 @@ def test_sharded_round_trip(runner: CliRunner, sharded: Path) -> None:
         metadata, back = read_with_safetensors(restored / shard)
         assert metadata == original_metadata
         assert {n: t[:2] for n, t in back.items()} == {n: t[:2] for n, t in original.items()}
+    assert json.loads((restored / "config.json").read_text()) == {"model_type": "llama"}
     index = json.loads((restored / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == {"embed.weight", "layers.0.q.weight",
                                         "layers.0.norm.weight", "layers.1.q.weight",
@@ -99,7 +103,7 @@ def test_existing_output_folder(runner: CliRunner, sharded: Path) -> None:
     (output / "notes.txt").write_text("mine")
     assert "already exists" in run_fail(runner, 1, "quantize", str(sharded))
     stderr = run_fail(runner, 1, "quantize", str(sharded), "--force")
-    assert "is not a checkpoint folder; refusing to replace it" in stderr
+    assert "is not a model folder; refusing to replace it" in stderr
     assert (output / "notes.txt").read_text() == "mine"
     (output / "notes.txt").unlink()
     run_ok(runner, "quantize", str(sharded), "--force", "-q")
@@ -110,7 +114,7 @@ def test_existing_output_folder(runner: CliRunner, sharded: Path) -> None:
 
 def test_output_folder_may_not_be_the_input(runner: CliRunner, sharded: Path) -> None:
     stderr = run_fail(runner, 1, "quantize", str(sharded), "-o", str(sharded), "--force")
-    assert "output would overwrite the input folder" in stderr
+    assert "would be written inside the input, which qz never changes" in stderr
 
 
 def _break(sharded: Path, how: str) -> str:

@@ -144,15 +144,16 @@ def qz() -> None:
 
 @qz.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Output file (or folder for a sharded checkpoint). "
-                   "Default: beside INPUT, as NAME.int8.safetensors.")
-@click.option("--method", type=click.Choice(["absmax", "affine"]), default="absmax",
-              show_default=True, help="absmax: symmetric, s = max|x|/127. "
-                                      "affine: asymmetric with a zero point.")
+@click.option("-o", "--output", type=click.Path(),  # a str: "DIR/" keeps its slash
+              help="Output file or folder (DIR/ or an existing folder means a folder). "
+                   "Default: beside INPUT; a model folder gives NAME.int8/, a file "
+                   "NAME.int8.safetensors.")
+@click.option("--method", type=click.Choice(["absmax", "affine"]), default=None,
+              help="absmax: symmetric, s = max|x|/127. affine: asymmetric, with a zero "
+                   "point (or a float offset in MLX). [default: absmax; affine for mlx]")
 @click.option("--block", "block_size", type=click.IntRange(min=1), default=None,
               help="Block-wise: one scale per N consecutive values of the last axis "
-                   "[default: 128].")
+                   "[default: 128; 64 for mlx].")
 @click.option("--per-channel", is_flag=True, help="One scale per output channel (row).")
 @click.option("--per-tensor", is_flag=True, help="One scale for the whole tensor.")
 @click.option("--clip", type=click.Choice(CLIP_CHOICES), default="auto",
@@ -176,6 +177,9 @@ def qz() -> None:
               default=DEFAULT_FORMAT, show_default=True,
               help="The on-disk format. " + " ".join(
                   f"{codec.summary}." for codec in FORMATS.values()))
+@click.option("--tensor-parallel", type=click.IntRange(min=1), default=1, metavar="N",
+              help="For formats vLLM runs: keep in float the layers whose slices on N "
+                   "GPUs its kernels cannot run (--dry-run shows why).")
 @click.option("--no-hash", is_flag=True,
               help="Do not record the input's SHA-256 (saves about 0.7 s of one core per GB).")
 @click.option("--no-stats", is_flag=True,
@@ -185,8 +189,8 @@ def qz() -> None:
 @reports_errors
 def quantize(
     input_path: Path,
-    output: Path | None,
-    method: str,
+    output: str | None,
+    method: str | None,
     block_size: int | None,
     per_channel: bool,
     per_tensor: bool,
@@ -197,6 +201,7 @@ def quantize(
     dry_run: bool,
     json_target: str | None,
     format_name: str,
+    tensor_parallel: int,
     no_hash: bool,
     no_stats: bool,
     force: bool,
@@ -222,15 +227,14 @@ def quantize(
         raise click.UsageError(f"choose one granularity, not {' and '.join(chosen)}")
     if chosen and target_sqnr is not None:
         raise click.UsageError(f"--target-sqnr chooses the granularity itself; drop {chosen[0]}")
-    granularity = "channel" if per_channel else "tensor" if per_tensor else "block"
-    if granularity == "block":
-        block_size = block_size or 128
-    scheme = Scheme(method, granularity, block_size, clip)  # type: ignore[arg-type]
+    granularity = "channel" if per_channel else "tensor" if per_tensor else None
+    scheme = FORMATS[format_name].scheme(method, granularity, block_size, clip)
     with _progress_for(quiet or dry_run) as progress:
         report = quantize_checkpoint(
             input_path, output, scheme, include=include, exclude=exclude, force=force,
             dry_run=dry_run, error_stats=not no_stats, target_sqnr=target_sqnr,
-            format=format_name, hash_source=not no_hash, progress=progress,
+            format=format_name, tensor_parallel=tensor_parallel, hash_source=not no_hash,
+            progress=progress,
         )
     document = render.quantize_json(report)
     if json_target == "-":
@@ -265,15 +269,16 @@ def inspect(input_path: Path, as_json: bool) -> None:
 
 @qz.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Output file (or folder). Default: beside INPUT, as "
+@click.option("-o", "--output", type=click.Path(),  # a str: "DIR/" keeps its slash
+              help="Output file or folder (DIR/ or an existing folder means a folder). "
+                   "Default: beside INPUT; a model folder gives NAME.dequant/, a file "
                    "NAME.dequant.safetensors.")
 @click.option("--dtype", type=click.Choice(["original", *OUTPUT_DTYPES]), default="original",
               show_default=True, help="Dtype of the restored tensors.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @reports_errors
-def dequantize(input_path: Path, output: Path | None, dtype: str, force: bool,
+def dequantize(input_path: Path, output: str | None, dtype: str, force: bool,
                quiet: bool) -> None:
     """Turn a quantized INPUT (in any format qz writes) back into a float checkpoint: the
     original tensor names, shapes and dtypes, a drop-in replacement.

@@ -27,6 +27,7 @@ from ..core.stats import ErrorStats
 from ..jobs.reports import (
     DequantizeReport,
     DiffReport,
+    FolderReport,
     InspectedTensor,
     InspectReport,
     QuantizeReport,
@@ -164,11 +165,35 @@ def quantize_summary(report: QuantizeReport) -> Group:
             listed = ", ".join(f"{display_text(t.name)} ({_db(t.stats.sqnr_db)} dB)"  # type: ignore[union-attr]
                                for t in worst)
             lines.append(Text(f"Worst: {listed}"))
+    lines += _folder_lines(report.folder)
     if not report.dry_run:
         lines.append(Text(f"Wrote {display_text(str(report.output))}"))
     else:
         lines.append(Text(f"Would write {display_text(str(report.output))} (nothing written)"))
     return Group(*lines)
+
+
+def _folder_lines(folder: FolderReport | None) -> list[Text]:
+    """What a folder output carries over and leaves out, and notes about it."""
+    if folder is None:
+        return []
+    lines = []
+    if folder.carried_over:
+        carried = ", ".join(display_text(path) for path in folder.carried_over)
+        lines.append(Text(f"Carried over: {carried}"))
+    if folder.left_out:
+        lines.append(Text("Left out: " + ", ".join(f"{display_text(path)} ({reason})"
+                                                   for path, reason in folder.left_out)))
+    lines += [Text(f"Note: {display_text(note)}") for note in folder.notes]
+    return lines
+
+
+def folder_json(folder: FolderReport | None) -> dict[str, Any] | None:
+    if folder is None:
+        return None
+    return {"carried_over": list(folder.carried_over),
+            "left_out": [{"path": path, "reason": reason} for path, reason in folder.left_out],
+            "notes": list(folder.notes)}
 
 
 def _tensor_json(tensor: TensorReport) -> dict[str, Any]:
@@ -199,6 +224,7 @@ def quantize_json(report: QuantizeReport) -> dict[str, Any]:
         "format": report.format,
         "scheme": scheme_json(report.scheme),
         "tensors": [_tensor_json(tensor) for tensor in report.tensors],
+        "folder": folder_json(report.folder),
         "totals": {
             "quantized_tensors": len(report.quantized),
             "copied_tensors": len(report.tensors) - len(report.quantized),
@@ -292,12 +318,12 @@ def inspect_json(report: InspectReport) -> dict[str, Any]:
     }
 
 
-def dequantize_summary(report: DequantizeReport) -> Text:
+def dequantize_summary(report: DequantizeReport) -> Group:
     restored = sum(t.restored_from is not None for t in report.tensors)
-    return Text(
+    return Group(*_folder_lines(report.folder), Text(
         f"Restored {restored} tensors, copied {len(report.tensors) - restored}; "
         f"wrote {display_text(str(report.output))} ({decimal(report.output_bytes)})"
-    )
+    ))
 
 
 def dump_json(document: dict[str, Any]) -> str:

@@ -165,7 +165,7 @@ def quantize_view(
     error = scaled  # x - x̂ = s · (x / s + z - q)
     np.subtract(scaled, rounded, out=error)
     np.multiply(error, divisor, out=error)
-    return _view_stats(groups, error, float(np.max(scale)) if scale.size else 0.0)
+    return view_stats(groups, error, float(np.max(scale)) if scale.size else 0.0)
 
 
 #: Sums of squares stay within float32 only for magnitudes between these: beyond them a
@@ -173,7 +173,7 @@ def quantize_view(
 _FLOAT32_SAFE_MAGNITUDES = (1e-15, 1e16)
 
 
-def _view_stats(groups: np.ndarray, error: np.ndarray, largest_scale: float) -> ErrorStats:
+def view_stats(groups: np.ndarray, error: np.ndarray, largest_scale: float) -> ErrorStats:
     values = groups.reshape(-1)  # a copy only for the view of a short tail block
     flat_error = error.reshape(-1)
     magnitude = largest_scale * 256  # bounds |x| for both methods

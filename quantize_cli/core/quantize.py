@@ -70,10 +70,11 @@ class QuantizedTensor:
 class RowResult:
     """What :func:`quantize_rows` returns for one run of rows of the 2-D row view."""
 
-    codes: npt.NDArray[np.int8]  # (rows, columns)
-    scale: npt.NDArray[np.float32]  # (rows, groups per row), or (1, 1) per tensor
+    codes: np.ndarray  # (rows, columns): int8, or uint8 for a format with a float offset
+    scale: np.ndarray  # (rows, groups per row), or (1, 1) per tensor
     zero_point: npt.NDArray[np.int8] | None
     stats: ErrorStats | None
+    bias: np.ndarray | None = None  # a float offset per group (core/offset.py)
 
 
 def find_non_finite(

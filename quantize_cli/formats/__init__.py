@@ -6,12 +6,24 @@ from __future__ import annotations
 
 from ..errors import SchemeError
 from ..storage.header import Header
-from .base import Codec, QuantizedWeight, Role, StoredRows, StoredTensor, StoredWeight
+from .base import (
+    Codec,
+    Deployment,
+    QuantizedWeight,
+    Role,
+    StoredRows,
+    StoredTensor,
+    StoredWeight,
+)
 from .compressed_tensors import CompressedTensors
+from .mlx import MlxFormat
 from .qz import QzFormat
 
-#: Every format, by name; the first is the default, and detection tries them in order.
-FORMATS: dict[str, Codec] = {codec.name: codec for codec in (QzFormat(), CompressedTensors())}
+#: Every format, by name; the first is the default, and detection tries them in order
+#: (qz first: its metadata decides, while its tensors alone could pass for int-quantized
+#: compressed-tensors).
+FORMATS: dict[str, Codec] = {codec.name: codec
+                             for codec in (QzFormat(), CompressedTensors(), MlxFormat())}
 DEFAULT_FORMAT = next(iter(FORMATS))
 
 
@@ -32,15 +44,5 @@ def detect(header: Header) -> Codec | None:
     return next((codec for codec in FORMATS.values() if codec.recognises(header)), None)
 
 
-__all__ = [
-    "DEFAULT_FORMAT",
-    "FORMATS",
-    "Codec",
-    "QuantizedWeight",
-    "Role",
-    "StoredRows",
-    "StoredTensor",
-    "StoredWeight",
-    "codec_for",
-    "detect",
-]
+__all__ = ["DEFAULT_FORMAT", "FORMATS", "Codec", "Deployment", "QuantizedWeight", "Role",
+           "StoredRows", "StoredTensor", "StoredWeight", "codec_for", "detect"]

@@ -29,7 +29,7 @@ from ..storage.reader import SafetensorsReader
 from ..storage.writer import PlannedTensor
 
 #: What a stored tensor is to its quantized weight.
-Role = Literal["codes", "scale", "zero_point", "shape"]
+Role = Literal["codes", "scale", "zero_point", "bias", "shape"]
 
 #: The stored rows of one quantized weight, by role, as :meth:`Codec.read_rows` reads them.
 StoredRows = dict[Role, np.ndarray]
@@ -75,6 +75,15 @@ class StoredWeight:
 
 
 @dataclass(frozen=True)
+class Deployment:
+    """What an output will run on, as far as a format's rules depend on it: the number
+    of GPUs each layer is split over (tensor parallelism) and the model's config.json."""
+
+    tensor_parallel: int = 1
+    config: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class QuantizedWeight:
     """A weight a job is about to quantize: its input tensor and its scheme."""
 
@@ -91,19 +100,38 @@ class Codec(ABC):
     summary: ClassVar[str]
     #: The suffix of default output names (``model.<suffix>.safetensors``).
     suffix: ClassVar[str]
+    #: The scheme when none is asked for.
+    default_scheme: ClassVar[Scheme] = Scheme()
     #: Whether the output is always a folder (the format is described in config.json).
     folder_output: ClassVar[bool] = False
     #: Whether the tensors of one checkpoint may have different schemes (--target-sqnr).
     mixed_schemes: ClassVar[bool] = True
+    #: Whether the format's shape rules depend on tensor parallelism (served by vLLM).
+    tensor_parallel: ClassVar[bool] = False
     #: Metadata keys that describe tensors one by one (too long for a metadata table).
     tensor_metadata_keys: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------------ writing
 
+    def scheme(self, method: str | None = None, granularity: str | None = None,
+               block_size: int | None = None, clip: str = "auto") -> Scheme:
+        """The scheme asked for, with this format's defaults for what was not.
+
+        >>> from quantize_cli.formats import codec_for
+        >>> codec_for("mlx").scheme(block_size=32)
+        Scheme(method='affine', granularity='block', block_size=32, clip='none')
+        """
+        default = self.default_scheme
+        chosen = granularity or ("block" if block_size is not None else default.granularity)
+        if chosen == "block":
+            block_size = block_size or default.block_size or Scheme().block_size
+        return Scheme(method or default.method, chosen, block_size, clip)  # type: ignore[arg-type]
+
     def check_scheme(self, scheme: Scheme) -> None:  # noqa: B027 - most formats store any
         """Refuse, before any work, a scheme this format cannot store (SchemeError)."""
 
-    def keep_reason(self, entry: TensorEntry, scheme: Scheme) -> str | None:
+    def keep_reason(self, entry: TensorEntry, scheme: Scheme,
+                    deployment: Deployment) -> str | None:
         """Why this tensor must stay in its dtype in this format (None: it can be
         quantized)."""
         return None
@@ -118,6 +146,15 @@ class Codec(ABC):
         """Quantize a chunk of rows of ``entry``'s row view the way this format rounds
         (by default, DESIGN §1)."""
         return quantize_rows(rows, scheme, tensor_range=tensor_range, with_stats=with_stats)
+
+    def produced_valid(self, result: RowResult, scheme: Scheme) -> bool:
+        """Whether quantized numbers are what the format can hold, checked before they
+        are written (DESIGN §6.4); by default finite, non-negative scales and codes in
+        the scheme's range. Cheap: the small scale array and the codes' min and max."""
+        lowest, highest = scheme.code_range
+        return bool(np.isfinite(result.scale).all() and (result.scale >= 0).all()) and (
+            result.codes.size == 0 or (int(result.codes.min()) >= lowest
+                                       and int(result.codes.max()) <= highest))
 
     @abstractmethod
     def encode(self, entry: TensorEntry, scheme: Scheme, result: RowResult,
@@ -143,8 +180,10 @@ class Codec(ABC):
         """Whether a file is in this format, from its header alone (cheap)."""
 
     @abstractmethod
-    def find(self, reader: SafetensorsReader) -> list[StoredWeight]:
-        """The quantized weights of a file this codec recognises.
+    def find(self, reader: SafetensorsReader,
+             config: dict[str, Any] | None) -> list[StoredWeight]:
+        """The quantized weights of a file this codec recognises; ``config`` is the
+        model's config.json, for formats that describe their weights there.
 
         Raises:
             QuantizedFormatError: the file breaks the format.
@@ -172,6 +211,11 @@ class Codec(ABC):
     def float_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """config.json of the dequantized model: without what this format added."""
         return {key: value for key, value in config.items() if key != "quantization_config"}
+
+    def float_metadata(self, metadata: dict[str, str]) -> dict[str, str]:
+        """A shard's ``__metadata__`` once dequantized (qz's own keys are dropped by the
+        job)."""
+        return metadata
 
 
 # ------------------------------------------------------- helpers for codecs' reading

@@ -32,6 +32,7 @@ from ..storage.header import Header, TensorEntry
 from ..storage.reader import SafetensorsReader
 from .base import (
     Codec,
+    Deployment,
     QuantizedWeight,
     Role,
     StoredRows,
@@ -43,8 +44,16 @@ from .base import (
 
 PACKED, SCALE, SHAPE, ZERO_POINT = "_packed", "_scale", "_shape", "_zero_point"
 BLOCK_SIZES = (32, 64, 128)
-#: vLLM's INT8 weight-only kernel (Marlin) needs these multiples (marlin_utils.py).
+#: vLLM's weight-only kernel (Marlin) needs these multiples of the input and output
+#: features each GPU holds (``verify_marlin_supports_shape`` in marlin_utils.py).
 IN_FEATURES_MULTIPLE, OUT_FEATURES_MULTIPLE = 128, 64
+#: Layers whose input features vLLM splits across GPUs (RowParallelLinear); the others
+#: (q/k/v, gate/up, fc1, …) split their output features (ColumnParallelLinear).
+ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "dense_4h_to_h", "fc2", "wo", "w2",
+                "c_proj", "output.dense", "self_attn.dense")
+#: llm-compressor always leaves the output head in float: with tied embeddings it is the
+#: embedding itself, which vLLM does not quantize.
+HEAD = "lm_head"
 SUPPORTED = ("compressed-tensors (vLLM) loads weight-only INT8 only as absmax (symmetric), "
              "per channel or in groups of 32, 64 or 128")
 
@@ -56,6 +65,7 @@ class CompressedTensors(Codec):
     suffix = "ct-int8"
     folder_output = True
     mixed_schemes = False
+    tensor_parallel = True
 
     def check_scheme(self, scheme: Scheme) -> None:
         if not scheme.symmetric:
@@ -68,19 +78,18 @@ class CompressedTensors(Codec):
             raise SchemeError(f"{SUPPORTED}; block {scheme.block_size} is not supported",
                               hint="use --block 32, 64 or 128")
 
-    def keep_reason(self, entry: TensorEntry, scheme: Scheme) -> str | None:
+    def keep_reason(self, entry: TensorEntry, scheme: Scheme,
+                    deployment: Deployment) -> str | None:
         if not entry.name.endswith(".weight"):
             return "kept for vLLM: not a layer's .weight"
-        if "embed" in entry.name:
+        module = entry.name.removesuffix(".weight")
+        if module == HEAD or module.endswith("." + HEAD):
+            return "kept for vLLM: the output head stays in its dtype, as llm-compressor does"
+        if _is_embedding(module):
             return "kept for vLLM: an embedding (vLLM quantizes Linear layers only)"
         if len(entry.shape) != 2:
             return f"kept for vLLM: {len(entry.shape)}-D (vLLM quantizes 2-D Linear weights)"
-        out_features, in_features = entry.shape
-        if in_features % IN_FEATURES_MULTIPLE or out_features % OUT_FEATURES_MULTIPLE:
-            return (f"kept for vLLM: shape {out_features}×{in_features}: vLLM's INT8 kernel "
-                    f"needs in_features a multiple of {IN_FEATURES_MULTIPLE} and "
-                    f"out_features of {OUT_FEATURES_MULTIPLE}")
-        return None
+        return _shape_problem(module, entry.shape, scheme, deployment)
 
     def stored_tensors(self, entry: TensorEntry, scheme: Scheme) -> list[StoredTensor]:
         out_features, in_features = entry.shape
@@ -113,11 +122,14 @@ class CompressedTensors(Codec):
 
     def model_config(self, config: dict[str, Any] | None, scheme: Scheme,
                      kept: Sequence[TensorEntry]) -> dict[str, Any] | None:
-        # Linear-like weights left in float, by module name: vLLM must not expect them
-        # packed.
-        ignore = sorted(entry.name.removesuffix(".weight") for entry in kept
-                        if entry.name.endswith(".weight") and len(entry.shape) == 2)
-        return {**(config or {}), "quantization_config": _quantization_config(scheme, ignore)}
+        if config is None:
+            return None
+        # The output head always, and the Linear weights left in float, by module name:
+        # loaders must not expect them packed.
+        ignore = {HEAD} | {entry.name.removesuffix(".weight") for entry in kept
+                           if entry.name.endswith(".weight") and len(entry.shape) == 2
+                           and not _is_embedding(entry.name.removesuffix(".weight"))}
+        return {**config, "quantization_config": _quantization_config(scheme, sorted(ignore))}
 
     # ------------------------------------------------------------------------ reading
 
@@ -125,7 +137,8 @@ class CompressedTensors(Codec):
         return any(_is_packed(entry) or _is_int_quantized(header, entry)
                    for entry in header.tensors)
 
-    def find(self, reader: SafetensorsReader) -> list[StoredWeight]:
+    def find(self, reader: SafetensorsReader,
+             config: dict[str, Any] | None) -> list[StoredWeight]:
         header = reader.header
         found = []
         for entry in header.tensors:
@@ -163,6 +176,44 @@ class CompressedTensors(Codec):
         refuse_bad_scales(path, weight, rows["scale"])
         return dequantize_rows(rows["codes"], rows["scale"], rows.get("zero_point"),
                                weight.scheme, dtype)
+
+
+def _is_embedding(module: str) -> bool:
+    return "embed" in module.rsplit(".", 1)[-1] or module.endswith((".wte", ".wpe"))
+
+
+def _shape_problem(module: str, shape: tuple[int, ...], scheme: Scheme,
+                   deployment: Deployment) -> str | None:
+    """Why vLLM's kernel cannot run this layer on ``deployment.tensor_parallel`` GPUs:
+    each GPU holds a slice of the output features (column-parallel layers) or of the
+    input features (row-parallel ones), and that slice must meet the kernel's
+    multiples. Key and value projections are replicated, not split, when the model has
+    fewer key/value heads than GPUs."""
+    out_features, in_features = shape
+    gpus = deployment.tensor_parallel
+    row_parallel = module.endswith(ROW_PARALLEL)
+    split = in_features if row_parallel else out_features
+    kv_heads = (deployment.config or {}).get("num_key_value_heads")
+    if (not row_parallel and module.endswith(("k_proj", "v_proj")) and isinstance(kv_heads, int)
+            and 0 < kv_heads < gpus and out_features % kv_heads == 0):
+        split_per_gpu = out_features // kv_heads  # one head on each GPU
+    elif split % gpus:
+        return (f"kept for vLLM: {'input' if row_parallel else 'output'} features {split} do "
+                f"not split over {gpus} GPUs")
+    else:
+        split_per_gpu = split // gpus
+    out_part, in_part = (out_features, split_per_gpu) if row_parallel else (split_per_gpu,
+                                                                            in_features)
+    on = f" per GPU with --tensor-parallel {gpus}" if gpus > 1 else ""
+    if in_part % IN_FEATURES_MULTIPLE or out_part % OUT_FEATURES_MULTIPLE:
+        return (f"kept for vLLM: shape {out_features}×{in_features}{on}: vLLM's kernel needs "
+                f"{in_part} input features a multiple of {IN_FEATURES_MULTIPLE} and "
+                f"{out_part} output features a multiple of {OUT_FEATURES_MULTIPLE}")
+    block = scheme.block_size
+    if block is not None and in_part % block:
+        return (f"kept for vLLM: {in_part} input features{on} are not a whole number of "
+                f"blocks of {block}")
+    return None
 
 
 def _pack(codes: np.ndarray) -> np.ndarray:

@@ -36,6 +36,11 @@ from .base import (
 FORMAT_VERSION = "1"
 KEY_FORMAT_VERSION = "qz.format_version"
 KEY_TENSORS = "qz.tensors"
+#: What config.json's dtype keys say of a qz folder; a loader that reads them as a torch
+#: dtype fails with this text in its message.
+CONFIG_MARKER = "qz: quantized weights; run `qz dequantize` to restore them"
+#: The keys of config.json that a qz folder replaces (and dequantize restores).
+REPLACED_CONFIG_KEYS = ("dtype", "torch_dtype", "quantization_config")
 
 
 def scale_name(name: str) -> str:
@@ -81,7 +86,33 @@ class QzFormat(Codec):
     def version(self, header: Header) -> str | None:
         return header.metadata.get(KEY_FORMAT_VERSION)
 
-    def find(self, reader: SafetensorsReader) -> list[StoredWeight]:
+    def model_config(self, config: dict[str, Any] | None, scheme: Scheme,
+                     kept: Sequence[TensorEntry]) -> dict[str, Any] | None:
+        """The model's config.json, telling loaders that the weights are qz codes: the
+        dtype keys (``dtype``, and ``torch_dtype`` for transformers 4) name qz, so that
+        transformers, vLLM and every loader built on them refuse the folder with that
+        name in the message rather than load codes as weights, and
+        ``quantization_config`` records the format and the keys it replaced, which
+        dequantize puts back. (An unknown ``quant_method`` alone is not enough:
+        transformers warns and loads the codes.)"""
+        if config is None:
+            return None
+        replaced = {key: config[key] for key in REPLACED_CONFIG_KEYS if key in config}
+        return {**config, "dtype": CONFIG_MARKER, "torch_dtype": CONFIG_MARKER,
+                "quantization_config": {"quant_method": "qz", "format_version": FORMAT_VERSION,
+                                        "replaced": replaced}}
+
+    def float_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        recorded = config.get("quantization_config")
+        if not (isinstance(recorded, dict) and recorded.get("quant_method") == "qz"):
+            return super().float_config(config)
+        restored = {key: value for key, value in config.items()
+                    if key not in REPLACED_CONFIG_KEYS}
+        replaced = recorded.get("replaced")
+        return {**restored, **(replaced if isinstance(replaced, dict) else {})}
+
+    def find(self, reader: SafetensorsReader,
+             config: dict[str, Any] | None) -> list[StoredWeight]:
         header, path = reader.header, reader.path
         return [_stored_weight(header, name, value, path)
                 for name, value in _described_tensors(header, path).items()]

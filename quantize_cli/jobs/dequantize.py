@@ -47,25 +47,23 @@ def dequantize_checkpoint(
         raise ValueError(f"unknown dtype {dtype!r}")
     progress = progress or NoProgress()
     checkpoint = open_checkpoint(source)
+    output_plan = outputs.plan_output(checkpoint, output, "dequant", folder_format=False)
+    config = outputs.model_config(checkpoint)
     found: dict[str, tuple[Codec | None, dict[str, StoredWeight]]] = {}
     for shard in checkpoint.shards:
         codec = detect(shard.header)
         with SafetensorsReader(shard.path) as reader:
-            weights = codec.find(reader) if codec is not None else []
+            weights = codec.find(reader, config) if codec is not None else []
         found[shard.path.name] = (codec, {weight.codes: weight for weight in weights})
     codecs = [codec for codec, _ in found.values() if codec is not None]
     if not codecs:
         raise QuantizedFormatError(located(
             checkpoint.source, None, "not a quantized checkpoint: no file is in a format "
             f"qz reads ({', '.join(FORMATS)})"))
-    target = Path(output) if output is not None else outputs.default_output(checkpoint,
-                                                                            "dequant")
-    folder = checkpoint.sharded
-    config = outputs.model_config(checkpoint) if folder else None
     tensors: list[DequantizedTensor] = []
     output_bytes = 0
     progress.start(checkpoint.data_bytes)
-    with outputs.Destination(target, checkpoint, force, folder) as destination:
+    with outputs.Destination(output_plan, checkpoint, force) as destination:
         shard_tensors = {}
         for shard in checkpoint.shards:
             codec, by_codes = found[shard.path.name]
@@ -78,12 +76,13 @@ def dequantize_checkpoint(
             tensors += [DequantizedTensor(t.name, t.dtype, t.shape,
                                           restored[t.name].scheme if t.name in restored
                                           else None) for t in planned]
-        if folder:
-            outputs.finish_folder(destination, checkpoint, shard_tensors, config,
-                                  lambda found: codecs[0].float_config(found) if found
-                                  else found)
+        if output_plan.folder:
+            outputs.finish_folder(destination, checkpoint, shard_tensors,
+                                  codecs[0].float_config(config) if config is not None
+                                  else None)
         destination.publish()
-    return DequantizeReport(checkpoint.source, target, tensors, output_bytes)
+    return DequantizeReport(checkpoint.source, output_plan.path, tensors, output_bytes,
+                            outputs.folder_report(output_plan))
 
 
 def _plan_shard(shard: Shard, weights: dict[str, StoredWeight],
@@ -109,8 +108,10 @@ def _dequantize_shard(shard: Shard, codec: Codec | None, planned: list[PlannedTe
     header = shard.header
     with ExitStack() as stack:
         reader = stack.enter_context(SafetensorsReader(shard.path))
-        writer = stack.enter_context(SafetensorsWriter(target, planned,
-                                                       without_qz_keys(header.metadata)))
+        metadata = without_qz_keys(header.metadata)
+        if codec is not None:
+            metadata = codec.float_metadata(metadata)
+        writer = stack.enter_context(SafetensorsWriter(target, planned, metadata))
         # Every read of the shard, in order: raw pieces of the tensors that are copied and
         # stored rows of the quantized weights; each is read while the one before is
         # being restored and written.

@@ -25,6 +25,7 @@ from ..storage.checkpoint import Checkpoint, open_checkpoint
 from ..storage.dtypes import DTYPE_BITS, FLOAT_DTYPES, INTEGER_DTYPES, numpy_dtype
 from ..storage.header import TensorEntry
 from ..storage.reader import SafetensorsReader, row_ranges
+from .outputs import model_config
 from .reports import DiffReport, ExactComparison, TensorDifference
 
 #: Bytes of float64 per side and chunk (statistics are summed in float64).
@@ -60,10 +61,11 @@ def logical_tensors(checkpoint: Checkpoint,
     """The tensors of a checkpoint as the model sees them: the companions of a quantized
     weight (scales, zero points, …) are folded into it."""
     tensors = {}
+    config = model_config(checkpoint)
     for shard in checkpoint.shards:
         reader = reader_for(shard.path)
         codec = detect(shard.header)
-        weights = codec.find(reader) if codec is not None else []
+        weights = codec.find(reader, config) if codec is not None else []
         by_codes = {weight.codes: weight for weight in weights}
         stored = {name for weight in weights for name, _ in weight.tensors}
         for entry in shard.header.tensors:

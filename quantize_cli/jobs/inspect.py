@@ -8,6 +8,7 @@ from pathlib import Path
 from ..formats import Role, StoredWeight, detect
 from ..storage.checkpoint import open_checkpoint
 from ..storage.reader import SafetensorsReader
+from .outputs import model_config
 from .reports import InspectedTensor, InspectReport
 
 
@@ -20,6 +21,7 @@ def inspect_checkpoint(source: str | Path) -> InspectReport:
     '1'
     """
     checkpoint = open_checkpoint(source)
+    config = model_config(checkpoint)
     tensors: list[InspectedTensor] = []
     format_name = format_version = None
     tensor_metadata_keys: tuple[str, ...] = ()
@@ -29,7 +31,7 @@ def inspect_checkpoint(source: str | Path) -> InspectReport:
         weights: list[StoredWeight] = []
         if codec is not None:
             with SafetensorsReader(shard.path) as reader:
-                weights = codec.find(reader)
+                weights = codec.find(reader, config)
             format_name, format_version = codec.name, codec.version(header)
             tensor_metadata_keys = codec.tensor_metadata_keys
         stored: dict[str, tuple[StoredWeight, Role]] = {

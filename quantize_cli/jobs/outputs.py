@@ -1,13 +1,22 @@
-"""Where a job's output goes and what a folder output holds besides the shards: the
-default output path, the checks made before any work, the rewritten index, the model's
-config.json and the other files of a model folder."""
+"""Where a job's output goes and what a folder output holds besides the weights.
+
+Folders are the unit (DESIGN §5): a model folder in (a folder, an index, or the one
+``.safetensors`` file of a folder with a config.json) gives a complete model folder out,
+beside the input and never inside it, holding the rewritten weights, index and
+config.json and every other file of the model (tokenizer, templates, model card,
+subfolders such as ``1_Pooling/``) except weights in other formats. A loose
+``.safetensors`` file gives a file beside it, unless the format writes folders or ``-o``
+names a folder (``DIR/`` or an existing folder).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +25,150 @@ from ..storage.checkpoint import Checkpoint, Shard
 from ..storage.dtypes import DTYPE_BITS
 from ..storage.jsonfile import loads_strict
 from ..storage.writer import PlannedTensor, StagedFolder, check_output_path
+from .reports import FolderReport
 
 CONFIG_NAME = "config.json"
+#: Files of these kinds hold weights in formats qz does not convert: a copy would hand a
+#: loader the full-precision model beside the quantized one (PyTorch, TensorFlow, Flax,
+#: GGUF, ONNX, OpenVINO, Rust, NumPy, Paddle checkpoints).
+OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx",
+                         ".onnx_data", ".ot", ".npz", ".pdparams", ".nemo", ".tflite")
+#: Folders that hold another copy of the weights (Llama's ``original/`` checkpoint).
+OTHER_WEIGHT_FOLDERS = ("original",)
+#: What qz appends to output names; stripped first so that names do not stack up.
+_QZ_SUFFIX = re.compile(r"\.(?:[a-z]+-)?(?:int\d+|fp8)$|\.dequant$")
 
 
-def default_output(checkpoint: Checkpoint, suffix: str, folder: bool = False) -> Path:
-    """``model.safetensors`` → ``model.<suffix>.safetensors``; a sharded folder ``llama``
-    → ``llama.<suffix>`` beside it (and ``model.<suffix>`` when ``folder`` is asked for a
-    single file). A suffix qz gave the input is replaced, not stacked."""
-    if checkpoint.sharded:
-        source = checkpoint.folder
-        if source.name in ("", ".", ".."):
-            source = source.resolve()
-        return source.parent / f"{_stem(source.name)}.{suffix}"
-    path = checkpoint.shards[0].path
-    stem = _stem(path.name.removesuffix(".safetensors"))
-    return path.with_name(f"{stem}.{suffix}" if folder else f"{stem}.{suffix}.safetensors")
+@dataclass(frozen=True)
+class FolderContents:
+    """What a folder output carries over from the input's model folder: files by their
+    path inside it, and what is left out with the reason."""
+
+    files: tuple[Path, ...] = ()
+    left_out: tuple[tuple[str, str], ...] = ()
 
 
-def _stem(name: str) -> str:
-    return name.removesuffix(".ct-int8").removesuffix(".int8")
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where a job writes: a file, or a folder (with what it carries over, when the
+    input is a model folder)."""
+
+    path: Path
+    folder: bool
+    contents: FolderContents | None = None  # None: the input is not a model folder
+
+
+def model_folder(checkpoint: Checkpoint) -> Path | None:
+    """The model folder the checkpoint is, if it is one: a folder or an index was named,
+    or a ``.safetensors`` file that is the only one of a folder with a config.json."""
+    if checkpoint.sharded or checkpoint.source.is_dir():
+        return checkpoint.folder
+    folder = checkpoint.folder
+    if (folder / CONFIG_NAME).is_file() and len(list(folder.glob("*.safetensors"))) == 1:
+        return folder
+    return None
+
+
+def plan_output(checkpoint: Checkpoint, output: str | Path | None, suffix: str,
+                folder_format: bool) -> OutputPlan:
+    """Decide the output path and kind (see the module's docstring).
+
+    Raises:
+        OutputError: ``-`` was given as the output, or a file name for a folder output.
+    """
+    if output is not None and str(output) == "-":
+        raise OutputError("'-' is not an output: qz writes files and folders, not to stdout",
+                          hint="give a file or folder name with -o")
+    model = model_folder(checkpoint)
+    names_folder = output is not None and (str(output).endswith(("/", os.sep))
+                                           or Path(output).is_dir())
+    names_file = output is not None and str(output).endswith(".safetensors")
+    as_folder = folder_format or checkpoint.sharded or names_folder or (
+        model is not None and not names_file)
+    if as_folder and names_file:
+        what = ("this format writes a folder" if folder_format
+                else "a sharded checkpoint gives a folder")
+        raise OutputError(located(output, None, f"names a file, but {what}"),
+                          hint="give a folder name with -o")
+    if output is not None:
+        path = Path(output)
+    else:
+        source = model if model is not None else checkpoint.shards[0].path
+        path = _beside(source, suffix, folder=as_folder)
+    contents = folder_contents(checkpoint, model) if as_folder and model is not None else None
+    return OutputPlan(path, as_folder, contents)
+
+
+def _beside(source: Path, suffix: str, folder: bool) -> Path:
+    """``llama`` → ``llama.<suffix>``; ``model.safetensors`` → ``model.<suffix>`` (a
+    folder) or ``model.<suffix>.safetensors``; a suffix qz gave is replaced."""
+    if source.name in ("", ".", ".."):
+        source = source.resolve()
+    stem = _QZ_SUFFIX.sub("", source.name.removesuffix(".safetensors"))
+    name = f"{stem}.{suffix}" if folder or source.is_dir() else f"{stem}.{suffix}.safetensors"
+    return source.parent / name
+
+
+def folder_contents(checkpoint: Checkpoint, folder: Path) -> FolderContents:
+    """Every file of the model folder to carry over, and what is left out and why. The
+    checkpoint's own files (weights, index, config.json) are written by the job."""
+    own = {shard.path.name for shard in checkpoint.shards} | {CONFIG_NAME}
+    if checkpoint.index_path is not None:
+        own.add(checkpoint.index_path.name)
+    files: list[Path] = []
+    left_out: list[tuple[str, str]] = []
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        if name in own:
+            continue
+        reason = _left_out_reason(entry, top_level=True)
+        if reason is not None:
+            left_out.append((name + ("/" if entry.is_dir() else ""), reason))
+        elif entry.is_dir():
+            kept, dropped = _walk(entry, Path(name))
+            if kept or not dropped:
+                files += kept
+                left_out += dropped
+            else:  # nothing of it is carried over: say so once
+                left_out.append((f"{name}/", "only weights in other formats"))
+        else:
+            files.append(Path(name))
+    return FolderContents(tuple(files), tuple(left_out))
+
+
+def _walk(folder: Path, relative: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    files: list[Path] = []
+    left_out: list[tuple[str, str]] = []
+    for entry in sorted(folder.iterdir()):
+        inner = relative / entry.name
+        reason = _left_out_reason(entry, top_level=False)
+        if reason is not None:
+            left_out.append((str(inner) + ("/" if entry.is_dir() else ""), reason))
+        elif entry.is_dir():
+            kept, dropped = _walk(entry, inner)
+            files += kept
+            left_out += dropped
+        else:
+            files.append(inner)
+    return files, left_out
+
+
+def _left_out_reason(entry: Path, top_level: bool) -> str | None:
+    name = entry.name
+    if name.startswith("."):
+        return "hidden"
+    if entry.is_dir():
+        if top_level and name in OTHER_WEIGHT_FOLDERS:
+            return "another copy of the weights"
+        return None
+    if name.endswith(OTHER_WEIGHT_SUFFIXES) or name.removesuffix(".index.json").endswith(
+            OTHER_WEIGHT_SUFFIXES):
+        return "weights in a format qz does not convert"
+    if top_level and name.endswith((".safetensors", ".safetensors.index.json")):
+        return "weights that are not part of this checkpoint"
+    if not entry.is_file():
+        return "not a regular file"
+    return None
 
 
 class Destination:
@@ -43,15 +176,14 @@ class Destination:
     hidden name and renamed into place whole. The target is checked on creation, before
     any work is done."""
 
-    def __init__(self, target: Path, checkpoint: Checkpoint, force: bool, folder: bool) -> None:
-        self.target = target
-        self.folder = folder
+    def __init__(self, plan: OutputPlan, checkpoint: Checkpoint, force: bool) -> None:
+        self.plan = plan
         self._staging: StagedFolder | None = None
-        if folder:
-            _check_folder_output(target, checkpoint, force)
-            self._staging = StagedFolder(target, force)
+        if plan.folder:
+            _check_folder_output(plan.path, checkpoint, force)
+            self._staging = StagedFolder(plan.path, force or _is_empty_folder(plan.path))
         else:
-            check_output_path(target, [shard.path for shard in checkpoint.shards], force)
+            check_output_path(plan.path, [shard.path for shard in checkpoint.shards], force)
 
     def __enter__(self) -> Destination:
         if self._staging is not None:
@@ -64,51 +196,58 @@ class Destination:
 
     def path_for(self, shard: Shard) -> Path:
         """Where the output of ``shard`` is written."""
-        return self._staging.path / shard.path.name if self._staging is not None else self.target
+        if self._staging is None:
+            return self.plan.path
+        return self._staging.path / shard.path.name
 
     def write_text(self, name: str, text: str) -> None:
         assert self._staging is not None, "only a folder holds other files"
         (self._staging.path / name).write_text(text, encoding="utf-8")
 
-    def copy(self, source: Path) -> None:
+    def copy(self, source: Path, relative: Path) -> None:
+        """Copy a file of the model folder to the same place in the output (links are
+        followed: the Hugging Face cache keeps its files as links to blobs)."""
         assert self._staging is not None, "only a folder holds other files"
-        shutil.copy2(source, self._staging.path / source.name)
+        target = self._staging.path / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copy2(source, target)
+        except OSError as error:
+            raise OutputError(located(target, None, f"could not copy {str(source)!r} "
+                                      f"({error.strerror})")) from None
 
     def publish(self) -> None:
         if self._staging is not None:
             self._staging.publish()
 
 
+def _is_empty_folder(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
 def _check_folder_output(output: Path, checkpoint: Checkpoint, force: bool) -> None:
-    if output.exists() and output.resolve() == checkpoint.folder.resolve():
-        raise OutputError(located(output, None, "output would overwrite the input folder"),
-                          hint="choose another folder with -o")
+    source = (model_folder(checkpoint) or checkpoint.shards[0].path).resolve()
+    target = output.resolve()
+    if target == source or source in target.parents:
+        raise OutputError(located(output, None, "would be written inside the input, which "
+                                  "qz never changes"),
+                          hint="choose a folder outside the input with -o")
+    if target in source.parents:
+        raise OutputError(located(output, None, "holds the input; replacing it would delete "
+                                  "the input"), hint="choose another folder with -o")
     if not output.parent.is_dir():
         raise OutputError(located(output, None, f"directory {str(output.parent)!r} does not "
                                   "exist"))
-    if output.exists():
-        if not output.is_dir():
-            raise OutputError(located(output, None, "exists and is not a folder"))
-        if not force:
-            raise OutputError(located(output, None, "already exists"),
-                              hint="use --force to replace it")
-        if any(output.iterdir()) and not any(output.glob("*.safetensors.index.json")):
-            raise OutputError(located(output, None, "is not a checkpoint folder; refusing to "
-                                      "replace it"), hint="choose another folder with -o")
-
-
-def companion_files(checkpoint: Checkpoint) -> list[Path]:
-    """Other files of a sharded model folder (tokenizer, …) to copy along; config.json is
-    written by the job itself."""
-    if checkpoint.index_path is None:
-        return []
-    skip = {checkpoint.index_path.name, CONFIG_NAME} | {shard.path.name
-                                                        for shard in checkpoint.shards}
-    return sorted(
-        path for path in checkpoint.folder.iterdir()
-        if path.is_file() and path.name not in skip and not path.name.startswith(".")
-        and not path.name.endswith(".safetensors")
-    )
+    if not output.exists() or _is_empty_folder(output):
+        return
+    if not output.is_dir():
+        raise OutputError(located(output, None, "exists and is not a folder"))
+    if not force:
+        raise OutputError(located(output, None, "already exists"),
+                          hint="use --force to replace it")
+    if not any(output.glob("*.safetensors")) and not (output / CONFIG_NAME).is_file():
+        raise OutputError(located(output, None, "is not a model folder; refusing to replace "
+                                  "it"), hint="choose another folder with -o")
 
 
 def index_text(checkpoint: Checkpoint, shard_tensors: dict[str, list[PlannedTensor]]) -> str:
@@ -127,15 +266,16 @@ def index_text(checkpoint: Checkpoint, shard_tensors: dict[str, list[PlannedTens
 
 
 def model_config(checkpoint: Checkpoint) -> dict[str, Any] | None:
-    """The model's config.json beside the weights (None: there is none), read before
-    any work so that a broken one is refused up front.
+    """The model's config.json (None: the input is not a model folder, or it has none),
+    read before any work so that a broken one is refused up front.
 
     Raises:
         InputError: config.json is not UTF-8, not JSON, or not a JSON object.
     """
-    path = checkpoint.folder / CONFIG_NAME
-    if not path.is_file():
+    folder = model_folder(checkpoint)
+    if folder is None or not (folder / CONFIG_NAME).is_file():
         return None
+    path = folder / CONFIG_NAME
 
     def fail(rule: str) -> InputError:
         return InputError(located(path, None, rule),
@@ -155,16 +295,23 @@ def model_config(checkpoint: Checkpoint) -> dict[str, Any] | None:
 
 def finish_folder(destination: Destination, checkpoint: Checkpoint,
                   shard_tensors: dict[str, list[PlannedTensor]],
-                  config: dict[str, Any] | None,
-                  new_config: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> None:
-    """Write a folder output's index, config.json and the model folder's other files."""
-    if checkpoint.sharded:
-        assert checkpoint.index_path is not None
+                  config: dict[str, Any] | None) -> None:
+    """Write a folder output's index and config.json, and carry over the model folder's
+    other files."""
+    if checkpoint.index_path is not None:
         destination.write_text(checkpoint.index_path.name, index_text(checkpoint, shard_tensors))
-        for path in companion_files(checkpoint):
-            destination.copy(path)
-    changed = new_config(config)
-    if changed is not None and changed != config:
-        destination.write_text(CONFIG_NAME, json.dumps(changed, indent=2) + "\n")
-    elif config is not None and checkpoint.sharded:
-        destination.copy(checkpoint.folder / CONFIG_NAME)
+    if config is not None:
+        destination.write_text(CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    contents = destination.plan.contents
+    folder = model_folder(checkpoint)
+    if contents is not None and folder is not None:
+        for relative in contents.files:
+            destination.copy(folder / relative, relative)
+
+
+def folder_report(plan: OutputPlan, notes: tuple[str, ...] = ()) -> FolderReport | None:
+    """What a report says of a folder output (None for a file)."""
+    if not plan.folder:
+        return None
+    contents = plan.contents or FolderContents()
+    return FolderReport(tuple(str(path) for path in contents.files), contents.left_out, notes)

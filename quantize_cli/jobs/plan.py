@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..core.scheme import Scheme
 from ..errors import InputError, located
-from ..formats import Codec, QuantizedWeight, StoredTensor
+from ..formats import Codec, Deployment, QuantizedWeight, StoredTensor
 from ..storage.dtypes import DTYPE_BITS, FLOAT_DTYPES
 from ..storage.header import Header, TensorEntry
 from ..storage.writer import PlannedTensor
@@ -22,6 +22,8 @@ from ..storage.writer import PlannedTensor
 #: Tensors smaller than this stay in their dtype by default (DESIGN §3): the scale and
 #: zero point would eat most of the saving, and such tensors are usually sensitive.
 MIN_ELEMENTS = 1024
+#: A model run on one GPU, with no config.json to consult.
+ONE_GPU = Deployment()
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ def select(
 
 
 def plan_tensor(entry: TensorEntry, scheme: Scheme, codec: Codec,
-                include: Sequence[str] = (), exclude: Sequence[str] = ()) -> TensorPlan:
+                include: Sequence[str] = (), exclude: Sequence[str] = (),
+                deployment: Deployment = ONE_GPU) -> TensorPlan:
     """Decide one tensor: the selection rules, then what the format can store.
 
     >>> from quantize_cli.formats import codec_for
@@ -110,7 +113,7 @@ def plan_tensor(entry: TensorEntry, scheme: Scheme, codec: Codec,
     """
     chosen, reason = select(entry, include, exclude)
     if chosen:
-        kept = codec.keep_reason(entry, scheme)
+        kept = codec.keep_reason(entry, scheme, deployment)
         if kept is not None:
             chosen, reason = False, kept
     chosen_scheme = scheme if chosen else None
@@ -118,13 +121,15 @@ def plan_tensor(entry: TensorEntry, scheme: Scheme, codec: Codec,
 
 
 def plan_shard(header: Header, path: str | Path, scheme: Scheme, codec: Codec,
-               include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[TensorPlan]:
+               include: Sequence[str] = (), exclude: Sequence[str] = (),
+               deployment: Deployment = ONE_GPU) -> list[TensorPlan]:
     """Decide every tensor of a file, and refuse output names that would collide.
 
     Raises:
         InputError: a name the format would write for a quantized tensor already exists.
     """
-    plans = [plan_tensor(entry, scheme, codec, include, exclude) for entry in header.tensors]
+    plans = [plan_tensor(entry, scheme, codec, include, exclude, deployment)
+             for entry in header.tensors]
     check_collisions(plans, header, path)
     return plans
 

@@ -12,13 +12,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..core.quantize import RowResult
 from ..core.scheme import Scheme
 from ..core.stats import ErrorStats
 from ..errors import InputError, InternalCheckError, SchemeError, located
-from ..formats import DEFAULT_FORMAT, Codec, codec_for, detect
+from ..formats import DEFAULT_FORMAT, FORMATS, Codec, Deployment, codec_for, detect
 from ..storage.checkpoint import Checkpoint, Shard, open_checkpoint
 from ..storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader
 from ..storage.stream import ShardStream, StreamHasher, TensorChunks
@@ -43,17 +41,22 @@ def quantize_checkpoint(
     dry_run: bool = False,
     error_stats: bool = True,
     target_sqnr: float | None = None,
+    tensor_parallel: int = 1,
     hash_source: bool = True,
     progress: Progress | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> QuantizeReport:
-    """Quantize a checkpoint (file, index or folder) and write it in ``format``.
+    """Quantize a checkpoint (file, index or model folder) and write it in ``format``.
 
+    A model folder gives a complete model folder beside it (outputs.py says what it
+    holds); a loose file gives a file. ``scheme`` defaults to the format's own default.
     ``error_stats=False`` skips measuring the error (the report then has no statistics);
     the written bytes are the same. ``target_sqnr`` gives each tensor the cheapest scheme
     of the ladder in target.py (with ``scheme``'s method) whose SQNR reaches it, or
     leaves the tensor in its dtype; this measures the candidates first, so it reads the
-    data even in a dry run. ``hash_source=False`` records no SHA-256 of the input.
+    data even in a dry run. ``tensor_parallel`` applies the shape rules of formats that
+    vLLM runs split over that many GPUs. ``hash_source=False`` records no SHA-256 of the
+    input.
 
     >>> report = quantize_checkpoint("model.safetensors", scheme=Scheme("affine"))  # doctest: +SKIP
     >>> report.output, report.pooled_stats.sqnr_db                                 # doctest: +SKIP
@@ -64,31 +67,41 @@ def quantize_checkpoint(
             the format cannot store the scheme, a tensor holds NaN/inf, or the output
             cannot be written. Nothing is written then.
     """
-    scheme = scheme or Scheme()
-    progress = progress or NoProgress()
     codec = codec_for(format)
+    scheme = scheme or codec.default_scheme
+    progress = progress or NoProgress()
     codec.check_scheme(scheme)
     if target_sqnr is not None and not codec.mixed_schemes:
         raise SchemeError(f"--target-sqnr cannot be combined with the {codec.name} format, "
                           "which has one scheme for all layers")
+    if tensor_parallel != 1 and not codec.tensor_parallel:
+        served = ", ".join(name for name, other in FORMATS.items() if other.tensor_parallel)
+        raise SchemeError(f"--tensor-parallel applies to the formats vLLM runs ({served}), "
+                          f"not to {codec.name}")
     checkpoint = open_checkpoint(source)
     _refuse_quantized(checkpoint)
+    output_plan = outputs.plan_output(checkpoint, output, codec.suffix, codec.folder_output)
+    config = outputs.model_config(checkpoint)
+    deployment = Deployment(tensor_parallel, config)
     plans = {shard.path.name: plan_shard(shard.header, shard.path, scheme, codec, include,
-                                         exclude)
+                                         exclude, deployment)
              for shard in checkpoint.shards}
     if target_sqnr is not None:
         plans = choose_for_target(checkpoint, plans, scheme.method, target_sqnr, codec,
                                   chunk_bytes)
     _refuse_nothing_to_do(checkpoint, plans, target_sqnr)
-    target = Path(output) if output is not None else outputs.default_output(
-        checkpoint, codec.suffix, folder=codec.folder_output)
-    folder = checkpoint.sharded or codec.folder_output
     options: dict[str, Any] = {
         "method": scheme.method, "granularity": scheme.granularity,
         "block": scheme.block_size, "clip": scheme.clip, "include": list(include),
         "exclude": list(exclude), "target_sqnr": target_sqnr, "format": codec.name}
+    if tensor_parallel != 1:
+        options["tensor_parallel"] = tensor_parallel
     if not hash_source:
         options["hash"] = False
+    notes: tuple[str, ...] = ()
+    if output_plan.folder and codec.folder_output and config is None:
+        notes = (f"no config.json beside the input, so the output has none: loaders need "
+                 f"the model's config.json, with what {codec.name} adds to it",)
 
     def report_for(shard: Shard, stats: dict[str, ErrorStats]) -> list[TensorReport]:
         return [TensorReport(
@@ -99,28 +112,28 @@ def quantize_checkpoint(
         ) for plan in plans[shard.path.name]]
 
     def report(tensors: list[TensorReport]) -> QuantizeReport:
-        return QuantizeReport(checkpoint.source, target, scheme, codec.name,
-                              sorted(tensors, key=lambda tensor: tensor.name), dry_run)
+        return QuantizeReport(checkpoint.source, output_plan.path, scheme, codec.name,
+                              sorted(tensors, key=lambda tensor: tensor.name), dry_run,
+                              outputs.folder_report(output_plan, notes))
 
     if dry_run:
         return report([t for shard in checkpoint.shards for t in report_for(shard, {})])
 
-    config = outputs.model_config(checkpoint) if folder else None
     tensors: list[TensorReport] = []
     progress.start(checkpoint.data_bytes)
-    with outputs.Destination(target, checkpoint, force, folder) as destination:
+    with outputs.Destination(output_plan, checkpoint, force) as destination:
         for shard in checkpoint.shards:
             stats = _quantize_shard(shard, plans[shard.path.name], destination.path_for(shard),
                                     codec, options, error_stats, progress, chunk_bytes)
             tensors += report_for(shard, stats)
-        if folder:
+        if output_plan.folder:
             kept = [plan.entry for shard_plans in plans.values() for plan in shard_plans
                     if not plan.quantized]
             outputs.finish_folder(
                 destination, checkpoint,
                 {name: [t for plan in shard_plans for t in plan.outputs]
                  for name, shard_plans in plans.items()},
-                config, lambda found: codec.model_config(found, scheme, kept))
+                codec.model_config(config, scheme, kept))
         destination.publish()
     return report(tensors)
 
@@ -212,7 +225,7 @@ def _quantize_tensor(chunks: TensorChunks, plan: TensorPlan, codec: Codec,
     assert scheme is not None
     stats = ErrorStats()
     for first_row, rows, result in quantized_chunks(chunks, scheme, codec, error_stats):
-        _check_produced(writer.target, entry.name, scheme, result)
+        _check_produced(codec, writer.target, entry.name, scheme, result)
         for name, values in codec.encode(entry, scheme, result, first_row):
             writer.write(name, values)
         if result.stats is not None:
@@ -221,15 +234,11 @@ def _quantize_tensor(chunks: TensorChunks, plan: TensorPlan, codec: Codec,
     return stats if error_stats else None
 
 
-def _check_produced(target: Path, name: str, scheme: Scheme, result: RowResult) -> None:
-    """Check the numbers before they are written (DESIGN §6.4): finite, non-negative
-    scales and codes in the method's range. Cheap (int8 min/max and the small scale
-    array); a failure is a bug in qz, and nothing is published."""
-    lowest, highest = scheme.code_range
-    scale_ok = bool(np.isfinite(result.scale).all() and (result.scale >= 0).all())
-    codes_ok = result.codes.size == 0 or (
-        int(result.codes.min()) >= lowest and int(result.codes.max()) <= highest)
-    if not (scale_ok and codes_ok):
+def _check_produced(codec: Codec, target: Path, name: str, scheme: Scheme,
+                    result: RowResult) -> None:
+    """Check the numbers before they are written (DESIGN §6.4); a failure is a bug in qz,
+    and nothing is published."""
+    if not codec.produced_valid(result, scheme):
         raise InternalCheckError(
             located(target, name, "produced scales or codes out of range; nothing was written"),
             hint="this is a bug in qz: please report it with the input's header",

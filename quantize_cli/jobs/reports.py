@@ -57,6 +57,16 @@ class TensorReport(NamedTensor):
 
 
 @dataclass(frozen=True)
+class FolderReport:
+    """What a folder output carried over from the model folder besides the weights, and
+    what it left out (path, reason)."""
+
+    carried_over: tuple[str, ...] = ()
+    left_out: tuple[tuple[str, str], ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class QuantizeReport:
     source: Path
     output: Path
@@ -64,6 +74,7 @@ class QuantizeReport:
     format: str
     tensors: list[TensorReport]
     dry_run: bool = False
+    folder: FolderReport | None = None  # None: the output is one file
 
     @property
     def quantized(self) -> list[TensorReport]:
@@ -116,6 +127,7 @@ class DequantizeReport:
     output: Path
     tensors: list[DequantizedTensor]
     output_bytes: int
+    folder: FolderReport | None = None  # None: the output is one file
 
 
 # ---------------------------------------------------------------------------- inspect

@@ -1,0 +1,186 @@
+"""Quantization with a float offset per group, as MLX stores it: unsigned codes
+q ∈ [0, 2^bits − 1] with a scale s and a bias b per group, both kept in the weight's
+dtype T, and x̂ = T(T(q · s) + b): the product and the sum are each rounded to T, which is
+how ``mlx.core.dequantize`` computes them (each operation in float32, then rounded).
+
+Because the bias is a float, the grid need not contain 0, and qz may choose s and b
+better than MLX's own rule. For each group three candidates are measured with the
+arithmetic above and the one of smallest squared error is kept:
+
+* the group's full range: b = min x (a value of the group, so exact in T) and s = the
+  range / (2^bits − 1) rounded *up* to T, so that the grid covers the range;
+* MLX's rule (``mlx/backend/cpu/quantized.cpp``): the extreme of larger magnitude is
+  made exact and 0 falls on a code; s may be negative; codes chosen with MLX's float32
+  scale, as ``mlx.core.quantize`` does;
+* MLX's rule with the codes chosen for the scale and bias as stored.
+
+Keeping MLX's own result among the candidates makes qz's error never worse than
+``mlx.core.quantize``'s on any group. absmax uses a symmetric grid instead:
+b = −2^(bits−1) · s, exact in T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .kernels import NonFiniteInTile, group_views, view_stats
+from .params import round_scale_up
+from .quantize import non_finite_error
+from .scheme import Scheme
+from .stats import ErrorStats
+from .threads import map_tiles, tile_rows
+
+#: MLX's floor for the magnitude of a scale (its ``eps``).
+MLX_EPS = np.float32(1e-7)
+
+
+@dataclass(frozen=True)
+class OffsetRows:
+    """Codes, scales and biases of a run of rows of a tensor's row view."""
+
+    codes: npt.NDArray[np.uint8]  # (rows, columns), in [0, 2^bits - 1]
+    scale: np.ndarray  # (rows, groups), in T
+    bias: np.ndarray  # (rows, groups), in T
+    stats: ErrorStats | None
+
+
+def dequantize_offset(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray,
+                      dtype: npt.DTypeLike) -> np.ndarray:
+    """x̂ = T(T(q · s) + b) for (…, n) codes and (…) scales and biases, in T = ``dtype``.
+
+    >>> import ml_dtypes
+    >>> bf16 = np.dtype(ml_dtypes.bfloat16)
+    >>> dequantize_offset(np.array([[255]], np.uint8), np.array([0.01], bf16),
+    ...                   np.array([-1.0], bf16), bf16).astype(np.float32).tolist()
+    [[1.546875]]
+    """
+    target = np.dtype(dtype)
+    product = (codes.astype(np.float32) * scale[..., None].astype(np.float32)).astype(target)
+    return (product.astype(np.float32) + bias[..., None].astype(np.float32)).astype(target)
+
+
+def quantize_offset_rows(rows: np.ndarray, scheme: Scheme, bits: int,
+                         *, with_stats: bool = False) -> OffsetRows:
+    """Quantize a run of rows (in the weight's own dtype T) in groups of
+    ``scheme.block_size`` along the last axis; ``scheme.method`` affine chooses s and b
+    per group as described above, absmax uses the symmetric grid.
+
+    >>> import ml_dtypes
+    >>> x = np.linspace(-0.5, 1.0, 64, dtype=np.float32).astype(ml_dtypes.bfloat16)[None]
+    >>> result = quantize_offset_rows(x, Scheme("affine", "block", 64), 8)
+    >>> int(result.codes.min()), int(result.codes.max()), float(result.bias[0, 0])
+    (0, 255, -0.5)
+    """
+    rows = np.ascontiguousarray(rows)
+    dtype = rows.dtype
+    levels = (1 << bits) - 1
+    row_count, columns = rows.shape
+    groups = scheme.groups_per_row(columns)
+    codes = np.empty(rows.shape, dtype=np.uint8)
+    scale = np.empty((row_count, groups), dtype=dtype)
+    bias = np.empty((row_count, groups), dtype=dtype)
+
+    def work(tile: slice) -> ErrorStats | None:
+        tile_stats = None
+        values = rows[tile].astype(np.float32)
+        for (view, owned), (code_view, _) in zip(group_views(values, scheme),
+                                                 group_views(codes[tile], scheme),
+                                                 strict=True):
+            if not np.isfinite(view).all():
+                raise NonFiniteInTile
+            if scheme.symmetric:
+                found = _symmetric(view, dtype, bits)
+            else:
+                found = _best_offset(view, dtype, levels)
+            view_codes, view_scale, view_bias, error = found
+            code_view[...] = view_codes
+            scale[tile, owned] = view_scale
+            bias[tile, owned] = view_bias
+            if with_stats:
+                largest = float(np.abs(view_scale.astype(np.float32)).max()) if view.size else 0
+                stats = view_stats(view, error, largest)
+                tile_stats = stats if tile_stats is None else tile_stats.merge(stats)
+        return tile_stats
+
+    try:
+        results = map_tiles(work, row_count, tile_rows(columns)) if rows.size else []
+    except NonFiniteInTile:
+        raise non_finite_error(rows) from None
+    stats = None
+    if with_stats:
+        stats = ErrorStats()
+        for item in results:
+            if item is not None:
+                stats = stats.merge(item)
+    return OffsetRows(codes, scale, bias, stats)
+
+
+Candidate = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # codes, s, b, error
+
+
+def _measure(values: np.ndarray, codes: np.ndarray, scale: np.ndarray, bias: np.ndarray,
+             dtype: np.dtype) -> Candidate:
+    error = values - dequantize_offset(codes, scale, bias, dtype).astype(np.float32)
+    return codes, scale, bias, error
+
+
+def _codes_for(values: np.ndarray, scale: np.ndarray, bias: np.ndarray,
+               levels: int) -> np.ndarray:
+    """The codes of the grid (scale, bias) nearest to each value, in float32."""
+    divisor = np.where(scale == 0, np.float32(1), scale)[..., None]
+    codes = np.rint((values - bias[..., None]) / divisor)
+    codes = np.where(scale[..., None] == 0, 0, codes)
+    return np.clip(codes, 0, levels).astype(np.uint8)
+
+
+def _best_offset(values: np.ndarray, dtype: np.dtype, levels: int) -> Candidate:
+    low, high = values.min(axis=-1), values.max(axis=-1)
+    candidates = []
+    # The full range: the bias is the minimum, a value of the group, so exact in T.
+    full_scale = round_scale_up((high - low) / np.float32(levels), dtype).astype(dtype)
+    full_bias = low.astype(dtype)
+    candidates.append(_measure(values, _codes_for(values, full_scale.astype(np.float32),
+                                                  low, levels), full_scale, full_bias, dtype))
+    # MLX's rule, as mlx.core.quantize computes it in float32.
+    mlx_scale, mlx_bias = _mlx_parameters(low, high, levels)
+    stored_scale, stored_bias = mlx_scale.astype(dtype), mlx_bias.astype(dtype)
+    candidates.append(_measure(values, _codes_for(values, mlx_scale, mlx_bias, levels),
+                               stored_scale, stored_bias, dtype))
+    candidates.append(_measure(values, _codes_for(values, stored_scale.astype(np.float32),
+                                                  stored_bias.astype(np.float32), levels),
+                               stored_scale, stored_bias, dtype))
+    errors = np.stack([np.einsum("...i,...i->...", c[3], c[3], dtype=np.float64)
+                       for c in candidates])
+    best = errors.argmin(axis=0)  # on ties the first: the full range
+    chosen = [part.copy() for part in candidates[0]]
+    for number, candidate in enumerate(candidates[1:], start=1):
+        mask = best == number  # per group; selects whole groups of codes and errors
+        for part, found in zip(chosen, candidate, strict=True):
+            part[mask] = found[mask]
+    return chosen[0], chosen[1], chosen[2], chosen[3]
+
+
+def _mlx_parameters(low: np.ndarray, high: np.ndarray,
+                    levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """MLX's scale and bias in float32: s = ±max(range / levels, eps), signed so that the
+    extreme of larger magnitude is the edge; s refitted so the edge is exactly a code."""
+    larger_low = np.abs(low) > np.abs(high)
+    scale = np.maximum((high - low) / np.float32(levels), MLX_EPS)
+    scale = np.where(larger_low, scale, -scale)
+    edge = np.where(larger_low, low, high)
+    first = np.rint(edge / scale)
+    refitted = np.where(first != 0, edge / np.where(first != 0, first, 1), scale)
+    return refitted.astype(np.float32), np.where(first != 0, edge, 0).astype(np.float32)
+
+
+def _symmetric(values: np.ndarray, dtype: np.dtype, bits: int) -> Candidate:
+    half = 1 << (bits - 1)
+    magnitude = np.abs(values).max(axis=-1)
+    scale = round_scale_up(magnitude / np.float32(half - 1), dtype).astype(dtype)
+    bias = (scale.astype(np.float32) * np.float32(-half)).astype(dtype)
+    divisor = np.where(scale == 0, 1, scale.astype(np.float32))[..., None]
+    codes = (np.clip(np.rint(values / divisor), 1 - half, half - 1) + half).astype(np.uint8)
+    return _measure(values, codes, scale, bias, dtype)
