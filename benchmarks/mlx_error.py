@@ -35,7 +35,7 @@ def main() -> None:
             original = mx.array(stored.astype(np.float32)).astype(getattr(mx, dtype))
             theirs = mx.dequantize(*mx.quantize(original, group_size=GROUP, bits=8),
                                    group_size=GROUP, bits=8)
-            ours = quantize_offset_rows(stored, scheme, 8)
+            ours = quantize_offset_rows(stored, scheme)
             packed = mx.array(ours.codes.view(np.uint32))
             scales = mx.array(ours.scale.astype(np.float32)).astype(getattr(mx, dtype))
             biases = mx.array(ours.bias.astype(np.float32)).astype(getattr(mx, dtype))

@@ -182,7 +182,7 @@ def test_ct_tensor_parallel_splits_the_right_side() -> None:
 
 
 def test_ct_config_ignores_the_head_and_linear_weights_left_in_float() -> None:
-    config = CT.model_config({"model_type": "llama"}, Scheme("absmax", "block", 128), [
+    config = CT.model_config({"model_type": "llama"}, Scheme("absmax", "block", 128), [], [
         entry("model.embed_tokens.weight", "BF16", (256, 128)),
         entry("model.layers.0.mlp.down_proj.weight", "BF16", (128, 344)),
         entry("model.norm.weight", "BF16", (128,))])
@@ -190,7 +190,7 @@ def test_ct_config_ignores_the_head_and_linear_weights_left_in_float() -> None:
     quantization = config["quantization_config"]
     assert quantization["ignore"] == ["lm_head", "model.layers.0.mlp.down_proj"]
     assert quantization["config_groups"]["group_0"]["weights"]["group_size"] == 128
-    assert CT.model_config(None, Scheme(), []) is None  # no config.json: none is invented
+    assert CT.model_config(None, Scheme(), [], []) is None  # no config.json: none is invented
 
 
 def test_ct_reads_pack_quantized_and_int_quantized(tmp_path: Path) -> None:
@@ -234,14 +234,14 @@ def test_a_qz_file_is_not_taken_for_compressed_tensors(tmp_path: Path) -> None:
 
 def test_qz_config_makes_loaders_refuse_and_dequantize_restores_it() -> None:
     original = {"model_type": "llama", "dtype": "bfloat16", "vocab_size": 256}
-    config = QZ.model_config(original, Scheme(), [])
+    config = QZ.model_config(original, Scheme(), [QuantizedWeight(entry(), Scheme())], [])
     assert config is not None
     assert config["dtype"] == config["torch_dtype"] == (
         "qz: quantized weights; run `qz dequantize` to restore them")
     assert config["quantization_config"] == {"quant_method": "qz", "format_version": "1",
                                              "replaced": {"dtype": "bfloat16"}}
     assert QZ.float_config(config) == original
-    assert QZ.model_config(None, Scheme(), []) is None
+    assert QZ.model_config(None, Scheme(), [], []) is None
 
 
 # ------------------------------------------------------------------------------- mlx
@@ -272,7 +272,7 @@ def test_mlx_round_trip_through_a_file(tmp_path: Path) -> None:
     pieces["m.w.weight"] = pieces["m.w.weight"].view(np.uint32)  # the codes, four to a word
     path = write_safetensors(tmp_path / "model.safetensors", pieces,
                              MLX.shard_metadata({"format": "pt"}, []))
-    config = MLX.model_config({"model_type": "llama"}, scheme, [])
+    config = MLX.model_config({"model_type": "llama"}, scheme, [], [])
     assert config is not None and config["quantization"] == {
         "group_size": 64, "bits": 8, "mode": "affine"} == config["quantization_config"]
     with SafetensorsReader(path) as reader:
@@ -300,6 +300,6 @@ def test_mlx_needs_its_config_to_read(tmp_path: Path) -> None:
 
 
 def test_json_of_the_ct_config_is_what_compressed_tensors_reads() -> None:
-    config = CT.model_config({}, Scheme("absmax", "channel"), [])
+    config = CT.model_config({}, Scheme("absmax", "channel"), [], [])
     assert config is not None
     assert json.loads(json.dumps(config))["quantization_config"]["format"] == "pack-quantized"

@@ -93,25 +93,34 @@ def logits(folder: Path) -> Any:
 
 
 def decompressed_by_compressed_tensors(exported: Path) -> dict[str, Any]:
-    compressors = pytest.importorskip("compressed_tensors.compressors.pack_quantized.base")
+    """Every quantized weight of an export, as compressed-tensors' own compressor for the
+    config's format decompresses it."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
     config = json.loads((exported / "config.json").read_text())["quantization_config"]
     scheme = QuantizationConfig.model_validate(config).config_groups["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(config["format"])
+    names = compressor.compression_param_names(scheme)
     stored = tensors_of(exported)
     weights = {}
     for name in stored:
-        if name.endswith(".weight_packed"):
-            module = name.removesuffix("weight_packed")
-            state = {part: stored[module + part]
-                     for part in ("weight_packed", "weight_scale", "weight_shape")}
-            weights[module + "weight"] = compressors.PackedQuantizationCompressor.decompress(
-                state, scheme)["weight"]
+        if name.endswith(".weight_scale"):
+            module = name.removesuffix("weight_scale")
+            state = {part: stored[module + part] for part in names if module + part in stored}
+            weights[module + "weight"] = compressor.decompress(state, scheme)["weight"]
     return weights
 
 
-@pytest.mark.parametrize("flags", [["--per-channel"], ["--block", "128"], ["--block", "64"],
-                                   ["--block", "32"]])
+@pytest.mark.parametrize("flags", [
+    ["--per-channel"], ["--block", "128"], ["--block", "64"], ["--block", "32"],
+    ["--bits", "4", "--block", "128"], ["--bits", "4", "--per-channel"],
+    ["--bits", "4", "--method", "affine", "--block", "32"],
+    ["--bits", "4", "--method", "affine", "--per-channel"],
+    ["--method", "fp8", "--per-channel"], ["--method", "fp8", "--per-tensor"],
+    ["--method", "fp8", "--block", "128"],
+], ids=lambda flags: "-".join(flag.strip("-") for flag in flags))
 def test_ct_bf16_sample_bit_for_bit(tmp_path: Path, flags: list[str]) -> None:
     exported, restored = export_and_restore(SAMPLES / "tiny_llama_sharded", tmp_path, *flags)
     theirs = decompressed_by_compressed_tensors(exported)
@@ -123,7 +132,10 @@ def test_ct_bf16_sample_bit_for_bit(tmp_path: Path, flags: list[str]) -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
-def test_ct_other_dtypes_bit_for_bit(tmp_path: Path, dtype: type) -> None:
+@pytest.mark.parametrize("flags", [["--block", "128"], ["--bits", "4", "--method", "affine"],
+                                   ["--method", "fp8", "--block", "128"]],
+                         ids=["int8", "int4-affine", "fp8-block"])
+def test_ct_other_dtypes_bit_for_bit(tmp_path: Path, dtype: type, flags: list[str]) -> None:
     rng = np.random.default_rng(0)
     folder = tmp_path / "model"
     folder.mkdir()
@@ -131,7 +143,7 @@ def test_ct_other_dtypes_bit_for_bit(tmp_path: Path, dtype: type) -> None:
         f"layers.{i}.proj.weight": (rng.standard_normal((128, 256)) * 0.05).astype(dtype)
         for i in range(2)})
     (folder / "config.json").write_text('{"model_type": "llama"}')
-    exported, restored = export_and_restore(folder, tmp_path, "--block", "128")
+    exported, restored = export_and_restore(folder, tmp_path, *flags)
     theirs = decompressed_by_compressed_tensors(exported)
     ours = tensors_of(restored)
     assert len(theirs) == 2
@@ -140,12 +152,23 @@ def test_ct_other_dtypes_bit_for_bit(tmp_path: Path, dtype: type) -> None:
         assert torch.equal(weight.view(torch.uint8), ours[name].view(torch.uint8)), name
 
 
+# transformers 5 sizes an asymmetric layer's zero point unpacked while compressed-tensors
+# packs it, for every producer (llm-compressor#1618): compressed-tensors' own
+# decompression of qz's asymmetric export is checked bit for bit above instead.
+ASYMMETRIC_LOAD = pytest.mark.xfail(raises=RuntimeError, strict=True,
+                                    reason="transformers cannot load packed zero points")
+
+
+@pytest.mark.parametrize("flags", [
+    ["--block", "128"], ["--bits", "4", "--block", "128"],
+    pytest.param(["--bits", "4", "--method", "affine", "--block", "64"],
+                 marks=ASYMMETRIC_LOAD)], ids=["int8", "int4", "int4-affine"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_transformers_runs_the_ct_export_like_the_dequantized_folder(tmp_path: Path,
-                                                                     tied: bool) -> None:
+def test_transformers_runs_the_ct_export_like_the_dequantized_folder(
+        tmp_path: Path, tied: bool, flags: list[str]) -> None:
     pytest.importorskip("compressed_tensors")
     source = llama_folder(tmp_path / "llama", tied=tied)
-    exported, restored = export_and_restore(source, tmp_path, "--block", "128")
+    exported, restored = export_and_restore(source, tmp_path, *flags)
     config = json.loads((exported / "config.json").read_text())
     assert config["quantization_config"]["ignore"] == ["lm_head"]
     assert ("lm_head.weight" in tensors_of(exported)) is not tied
@@ -154,7 +177,7 @@ def test_transformers_runs_the_ct_export_like_the_dequantized_folder(tmp_path: P
     # And quantization changed the model only a little.
     original = logits(source)
     assert torch.nn.functional.cosine_similarity(original.flatten().float(),
-                                                 theirs.flatten().float(), dim=0) > 0.999
+                                                 theirs.flatten().float(), dim=0) > 0.98
 
 
 def test_transformers_refuses_a_qz_folder_naming_qz(tmp_path: Path) -> None:
@@ -186,27 +209,31 @@ def mlx_quantized(exported: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     return mx, weights, config["quantization"]
 
 
+@pytest.mark.parametrize("bits", ["8", "4"])
 @pytest.mark.parametrize("block", ["32", "64", "128"])
 @pytest.mark.parametrize("method", ["affine", "absmax"])
-def test_mlx_dequantize_equals_qz_bit_for_bit(tmp_path: Path, block: str, method: str) -> None:
+def test_mlx_dequantize_equals_qz_bit_for_bit(tmp_path: Path, block: str, method: str,
+                                              bits: str) -> None:
     source = llama_folder(tmp_path / "llama", tied=False)
     exported, restored = export_and_restore(source, tmp_path, "--block", block, "--method",
-                                            method, format_name="mlx")
+                                            method, "--bits", bits, format_name="mlx")
     mx, weights, quantization = mlx_quantized(exported)
-    assert quantization == {"group_size": int(block), "bits": 8, "mode": "affine"}
+    assert quantization == {"group_size": int(block), "bits": int(bits), "mode": "affine"}
     ours = tensors_of(restored, "numpy")
     quantized = [name.removesuffix(".scales") for name in weights if name.endswith(".scales")]
     assert len(quantized) == 2 * 7 + 2  # every projection, the embedding and the head
     for module in quantized:
         theirs = mx.dequantize(weights[f"{module}.weight"], weights[f"{module}.scales"],
-                               weights[f"{module}.biases"], group_size=int(block), bits=8)
+                               weights[f"{module}.biases"], group_size=int(block),
+                               bits=int(bits))
         assert theirs.dtype == mx.bfloat16
         theirs_bits = np.array(theirs.view(mx.uint16))
         assert np.array_equal(theirs_bits, ours[f"{module}.weight"].view(np.uint16)), module
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_mlx_error_is_no_worse_than_mlx_quantize(tmp_path: Path, dtype: str) -> None:
+def test_mlx_error_is_no_worse_than_mlx_quantize(tmp_path: Path, dtype: str, bits: int) -> None:
     mx = pytest.importorskip("mlx.core")
     rng = np.random.default_rng(1)
     values = {"a.weight": rng.standard_normal((256, 512)) * 0.02,
@@ -217,16 +244,16 @@ def test_mlx_error_is_no_worse_than_mlx_quantize(tmp_path: Path, dtype: str) -> 
     write_safetensors(folder / "model.safetensors",
                       {name: v.astype(np.float32).astype(numpy_type) for name, v in values.items()})
     (folder / "config.json").write_text('{"model_type": "llama"}')
-    exported, _ = export_and_restore(folder, tmp_path, format_name="mlx")
+    exported, _ = export_and_restore(folder, tmp_path, "--bits", str(bits), format_name="mlx")
     _, weights, _ = mlx_quantized(exported)
     for name in values:
         module = name.removesuffix(".weight")
         original = mx.array(values[name].astype(np.float32)).astype(getattr(mx, dtype))
         reference = np.array(original.astype(mx.float32), dtype=np.float64)
         ours = mx.dequantize(weights[name], weights[f"{module}.scales"],
-                             weights[f"{module}.biases"], group_size=64, bits=8)
-        theirs = mx.dequantize(*mx.quantize(original, group_size=64, bits=8), group_size=64,
-                               bits=8)
+                             weights[f"{module}.biases"], group_size=64, bits=bits)
+        theirs = mx.dequantize(*mx.quantize(original, group_size=64, bits=bits), group_size=64,
+                               bits=bits)
         ours_error = ((np.array(ours.astype(mx.float32)) - reference) ** 2).sum()
         theirs_error = ((np.array(theirs.astype(mx.float32)) - reference) ** 2).sum()
         assert ours_error <= theirs_error, (name, ours_error, theirs_error)

@@ -82,7 +82,7 @@ def test_shard_stream_chunks_rereads_and_hash(tmp_path: Path) -> None:
     with SafetensorsReader(path) as reader:
         a, b, c = (reader.header[name] for name in "abc")
         hasher = StreamHasher(reader)
-        layout = [(a, (10, 6)), (b, None), (c, (3, 4))]
+        layout = [(a, (10, 6), 1), (b, None, 1), (c, (3, 4), 1)]
         with ShardStream(reader, layout, chunk_bytes=48, hasher=hasher) as stream:
             chunks = stream.rows(a, (10, 6))
             first = list(chunks.with_rows())

@@ -28,7 +28,7 @@ from rich.progress import (
 
 from .. import __version__
 from ..core.explain import explain as explain_steps
-from ..core.scheme import CLIP_CHOICES, Scheme
+from ..core.scheme import CLIP_CHOICES, INTEGER_METHODS, METHODS, Scheme
 from ..errors import QzError
 from ..formats import DEFAULT_FORMAT, FORMATS
 from ..jobs import dequantize_checkpoint, diff_checkpoints, inspect_checkpoint, quantize_checkpoint
@@ -148,9 +148,12 @@ def qz() -> None:
               help="Output file or folder (DIR/ or an existing folder means a folder). "
                    "Default: beside INPUT; a model folder gives NAME.int8/, a file "
                    "NAME.int8.safetensors.")
-@click.option("--method", type=click.Choice(["absmax", "affine"]), default=None,
-              help="absmax: symmetric, s = max|x|/127. affine: asymmetric, with a zero "
-                   "point (or a float offset in MLX). [default: absmax; affine for mlx]")
+@click.option("--method", type=click.Choice(METHODS), default=None,
+              help="absmax: symmetric, s = max|x|/127 (/7 at 4 bits). affine: asymmetric, "
+                   "with a zero point (a float offset in MLX). fp8: FP8 E4M3 values, "
+                   "s = max|x|/448. [default: absmax; affine for mlx]")
+@click.option("--bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="Bits per code of absmax and affine; 4 packs two codes to a byte.")
 @click.option("--block", "block_size", type=click.IntRange(min=1), default=None,
               help="Block-wise: one scale per N consecutive values of the last axis "
                    "[default: 128; 64 for mlx].")
@@ -158,8 +161,11 @@ def qz() -> None:
 @click.option("--per-tensor", is_flag=True, help="One scale for the whole tensor.")
 @click.option("--clip", type=click.Choice(CLIP_CHOICES), default="auto",
               show_default=True,
-              help="mse: shrink each group's range where that lowers its squared error. "
-                   "auto: mse per tensor (where it gains about 5 dB), none otherwise.")
+              help="How each group's scale is chosen. none: the full range (plain "
+                   "rounding). mse: the scale (and zero point) of least squared error, "
+                   "never worse than plain rounding. weighted (below 8 bits): the same, "
+                   "weighting the largest values. auto: mse below 8 bits and per tensor, "
+                   "none otherwise.")
 @click.option("--target-sqnr", type=float, metavar="DB",
               help="Give each tensor the cheapest scheme (per tensor, per channel, block "
                    "128, 64, 32) whose SQNR reaches DB; tensors that cannot stay as they "
@@ -191,6 +197,7 @@ def quantize(
     input_path: Path,
     output: str | None,
     method: str | None,
+    bits: str,
     block_size: int | None,
     per_channel: bool,
     per_tensor: bool,
@@ -228,7 +235,7 @@ def quantize(
     if chosen and target_sqnr is not None:
         raise click.UsageError(f"--target-sqnr chooses the granularity itself; drop {chosen[0]}")
     granularity = "channel" if per_channel else "tensor" if per_tensor else None
-    scheme = FORMATS[format_name].scheme(method, granularity, block_size, clip)
+    scheme = FORMATS[format_name].scheme(method, granularity, block_size, clip, int(bits))
     with _progress_for(quiet or dry_run) as progress:
         report = quantize_checkpoint(
             input_path, output, scheme, include=include, exclude=exclude, force=force,
@@ -320,13 +327,15 @@ def diff(a: Path, b: Path, as_json: bool) -> None:
 
 @qz.command(context_settings={"ignore_unknown_options": True})
 @click.argument("values", nargs=-1, required=True, metavar="VALUES...")
-@click.option("--method", type=click.Choice(["absmax", "affine"]), default="absmax",
+@click.option("--method", type=click.Choice(INTEGER_METHODS), default="absmax",
               show_default=True, help="absmax: symmetric. affine: with a zero point.")
+@click.option("--bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="Bits per code.")
 @click.option("--block", "block_size", type=click.IntRange(min=1), default=None,
               help="Groups of N values, each with its own scale [default: one group].")
 @reports_errors
-def explain(values: tuple[str, ...], method: str, block_size: int | None) -> None:
-    """Show, step by step, how VALUES are quantized to INT8 and back.
+def explain(values: tuple[str, ...], method: str, bits: str, block_size: int | None) -> None:
+    """Show, step by step, how VALUES are quantized to integer codes and back.
 
     VALUES are numbers, separated by spaces or commas (negative ones too).
 
@@ -335,6 +344,7 @@ def explain(values: tuple[str, ...], method: str, block_size: int | None) -> Non
       qz explain 1.6 -0.7 -3.4 1.7 -2.9 0.5 2.3 6.2
       qz explain 1.6,-0.7,-3.4,1.7,-2.9,0.5,2.3,6.2 --method affine
       qz explain 0.1 0.2 0.3 9.0 0.1 0.2 0.3 0.4 --block 4
+      qz explain 1.6 -0.7 -3.4 1.7 -2.9 0.5 2.3 6.2 --bits 4
     """
     numbers = []
     for text in (part for value in values for part in value.split(",") if part):
@@ -344,7 +354,7 @@ def explain(values: tuple[str, ...], method: str, block_size: int | None) -> Non
             raise click.BadParameter(f"{text!r} is not a number", param_hint="VALUES") from None
     # The tutorial's rule: the full range of each group, never clipped.
     scheme = Scheme(method, "block" if block_size else "tensor",  # type: ignore[arg-type]
-                    block_size, clip="none")
+                    block_size, clip="none", bits=int(bits))
     _stdout_console().print(render.explain_view(explain_steps(numbers, scheme)))
 
 

@@ -82,6 +82,11 @@ def _stats_cells(stats: ErrorStats) -> tuple[str, str, str, str]:
             f"{stats.cosine_similarity:.6f}")
 
 
+def _precision(scheme: Scheme) -> str:
+    """What a scheme stores: I8 (as qz 1.0 said), I4 or F8."""
+    return "F8" if scheme.method == "fp8" else f"I{scheme.bits}"
+
+
 def _json_number(value: float) -> float | None:
     # JSON has no infinity; an exact round trip has no finite SQNR.
     return None if math.isinf(value) or math.isnan(value) else value
@@ -91,7 +96,7 @@ def scheme_json(scheme: Scheme | None) -> dict[str, Any] | None:
     if scheme is None:
         return None
     return {"method": scheme.method, "granularity": scheme.granularity,
-            "block": scheme.block_size, "clip": scheme.clip}
+            "block": scheme.block_size, "clip": scheme.clip, "bits": scheme.bits}
 
 
 def stats_json(stats: ErrorStats | None) -> dict[str, Any] | None:
@@ -126,7 +131,7 @@ def quantize_table(report: QuantizeReport) -> Table:
         for heading in ("MSE", "Max abs err", "SQNR dB", "Cosine"):
             table.add_column(heading, justify="right")
     for tensor in report.tensors:
-        dtype = f"{tensor.dtype}→I8" if tensor.scheme else tensor.dtype
+        dtype = f"{tensor.dtype}→{_precision(tensor.scheme)}" if tensor.scheme else tensor.dtype
         label = tensor.scheme.describe() if tensor.scheme else "copied"
         if report.dry_run:
             table.add_row(_name(tensor.name), _shape(tensor.shape), dtype, label,
@@ -352,25 +357,28 @@ def explain_view(explanation: Explanation) -> Group:
     """Every step of quantizing a short vector: range, scale, zero point, codes, values
     back and the error of each element."""
     scheme = explanation.scheme
+    lowest, highest = scheme.code_range
+    bits = "" if scheme.bits == 8 else f", {scheme.bits} bits"
     lines: list[Any] = []
     for group in explanation.groups:
         count = len(group.values)
         where = (f"values {group.start}–{group.start + count - 1}"
                  if len(explanation.groups) > 1 else f"{count} values, one group")
-        lines.append(Text(f"{scheme.method}, {where}", style="bold"))
+        lines.append(Text(f"{scheme.method}{bits}, {where}", style="bold"))
         if scheme.symmetric:
             lines.append(Text(f"  range:  max|x| = {_number(group.high)}"))
-            lines.append(Text(f"  scale:  s = max|x| / 127 = {_number(group.high)} / 127 = "
-                              f"{_number(group.scale)}"
+            lines.append(Text(f"  scale:  s = max|x| / {highest} = {_number(group.high)} / "
+                              f"{highest} = {_number(group.scale)}"
                               + (f"   (1/s = {_number(1 / group.scale)})" if group.scale else "")))
-            lines.append(Text("  codes:  q = round(x / s), kept in [-127, 127]"))
+            lines.append(Text(f"  codes:  q = round(x / s), kept in [{lowest}, {highest}]"))
         else:
             lines.append(Text(f"  range:  lo = min(min x, 0) = {_number(group.low)}, "
                               f"hi = max(max x, 0) = {_number(group.high)}"))
-            lines.append(Text(f"  scale:  s = (hi - lo) / 255 = {_number(group.scale)}"))
-            lines.append(Text(f"  zero point: z = round(-128 - lo / s) = {group.zero_point}"
-                              "   (the code of 0.0)"))
-            lines.append(Text("  codes:  q = round(x / s + z), kept in [-128, 127]"))
+            lines.append(Text(f"  scale:  s = (hi - lo) / {scheme.levels} = "
+                              f"{_number(group.scale)}"))
+            lines.append(Text(f"  zero point: z = round({lowest} - lo / s) = "
+                              f"{group.zero_point}   (the code of 0.0)"))
+            lines.append(Text(f"  codes:  q = round(x / s + z), kept in [{lowest}, {highest}]"))
         if group.scale == 0:
             lines.append(Text("  an all-zero group: s = 0, every code 0, exact"))
         table = Table(show_edge=False, pad_edge=False)

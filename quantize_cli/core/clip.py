@@ -27,20 +27,21 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .params import qparams_from_range
-from .scheme import CODE_RANGE
+from .scheme import code_range
 
 #: Shrink factors of the first stage, largest first.
 COARSE_FACTORS = (1.0, 0.9, 0.75, 0.6, 0.45, 0.3)
 
 
 def group_errors(
-    groups: np.ndarray, low: np.ndarray, high: np.ndarray, factor: np.ndarray, method: str
+    groups: np.ndarray, low: np.ndarray, high: np.ndarray, factor: np.ndarray, method: str,
+    bits: int = 8,
 ) -> np.ndarray:
     """Σ(x - x̂)² per group (float64, shape ``groups.shape[:-1]``) when each group's range
     [low, high] is shrunk by its ``factor``; ``groups`` is a float32 (r, g, n) view."""
-    scale, zero_point = qparams_from_range(low * factor, high * factor, method)
+    scale, zero_point = qparams_from_range(low * factor, high * factor, method, bits)
     divisor = np.where(scale == 0, np.float32(1), scale)[..., None]
-    lowest, highest = CODE_RANGE[method]
+    lowest, highest = code_range(method, bits)
     codes = groups / divisor
     if zero_point is not None:
         codes += zero_point[..., None].astype(np.float32)

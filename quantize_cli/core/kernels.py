@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .clip import search_factors
-from .params import absmax_scale, affine_qparams, qparams_from_range
+from .params import absmax_scale, affine_qparams, qparams_from_range, round_scale_up
 from .scheme import Scheme
+from .search import PLAIN, Storage, search_groups
 from .stats import ErrorStats
 from .threads import scratch
 
@@ -204,19 +205,25 @@ def dequantize_view(
 
 
 def tile_qparams(
-    groups: np.ndarray, scheme: Scheme, values: np.ndarray | None = None
+    groups: np.ndarray, scheme: Scheme, values: np.ndarray, storage: Storage = PLAIN
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Scale and zero point of every group of a view (shape ``groups.shape[:-1]``), read
-    from the view's own dtype (float32, bfloat16 or float16). With ``--clip mse`` the
-    ranges are shrunk per group (clip.py), which needs the float32 ``values`` view."""
+    from the view's own dtype (float32, bfloat16 or float16); ``values`` is the float32
+    view. Plain rounding uses the group's range; with a clip search, below 8 bits the
+    error-optimal search (search.py), at 8 bits the shrink search (clip.py). Scales are
+    values ``storage`` holds (rounded up where plain rounding must not clip)."""
     if scheme.clip == "none":
         if scheme.symmetric:
-            return absmax_scale(group_magnitude(groups)), None
-        return affine_qparams(*group_range(groups))
+            scale = absmax_scale(group_magnitude(groups), scheme.bits, storage.divisor)
+            return round_scale_up(scale, storage.scale_dtype), None
+        affine_scale, affine_zero = affine_qparams(*group_range(groups), scheme.bits)
+        return round_scale_up(affine_scale, storage.scale_dtype), affine_zero
+    low, high = group_range(groups)
+    if scheme.bits < 8:
+        return search_groups(values, low, high, scheme, storage)
     if scheme.symmetric:
-        magnitude = group_magnitude(groups)
+        magnitude = np.maximum(-low, high)
         low, high = -magnitude, magnitude
-    else:
-        low, high = group_range(groups)
-    factor = search_factors(groups if values is None else values, low, high, scheme.method)
-    return qparams_from_range(low * factor, high * factor, scheme.method)
+    factor = search_factors(values, low, high, scheme.method)
+    clipped_scale, zero_point = qparams_from_range(low * factor, high * factor, scheme.method)
+    return round_scale_up(clipped_scale, storage.scale_dtype), zero_point

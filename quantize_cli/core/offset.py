@@ -30,6 +30,7 @@ from .kernels import NonFiniteInTile, group_views, view_stats
 from .params import round_scale_up
 from .quantize import non_finite_error
 from .scheme import Scheme
+from .search import Storage, search_groups
 from .stats import ErrorStats
 from .threads import map_tiles, tile_rows
 
@@ -62,21 +63,22 @@ def dequantize_offset(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray,
     return (product.astype(np.float32) + bias[..., None].astype(np.float32)).astype(target)
 
 
-def quantize_offset_rows(rows: np.ndarray, scheme: Scheme, bits: int,
-                         *, with_stats: bool = False) -> OffsetRows:
+def quantize_offset_rows(rows: np.ndarray, scheme: Scheme, *,
+                         with_stats: bool = False) -> OffsetRows:
     """Quantize a run of rows (in the weight's own dtype T) in groups of
-    ``scheme.block_size`` along the last axis; ``scheme.method`` affine chooses s and b
-    per group as described above, absmax uses the symmetric grid.
+    ``scheme.block_size`` along the last axis, with ``scheme.bits``; ``scheme.method``
+    affine chooses s and b per group as described above, absmax uses the symmetric grid.
+    With a clip search (the default below 8 bits) the error-optimal search of search.py
+    is one more candidate.
 
     >>> import ml_dtypes
     >>> x = np.linspace(-0.5, 1.0, 64, dtype=np.float32).astype(ml_dtypes.bfloat16)[None]
-    >>> result = quantize_offset_rows(x, Scheme("affine", "block", 64), 8)
+    >>> result = quantize_offset_rows(x, Scheme("affine", "block", 64))
     >>> int(result.codes.min()), int(result.codes.max()), float(result.bias[0, 0])
     (0, 255, -0.5)
     """
     rows = np.ascontiguousarray(rows)
     dtype = rows.dtype
-    levels = (1 << bits) - 1
     row_count, columns = rows.shape
     groups = scheme.groups_per_row(columns)
     codes = np.empty(rows.shape, dtype=np.uint8)
@@ -91,11 +93,7 @@ def quantize_offset_rows(rows: np.ndarray, scheme: Scheme, bits: int,
                                                  strict=True):
             if not np.isfinite(view).all():
                 raise NonFiniteInTile
-            if scheme.symmetric:
-                found = _symmetric(view, dtype, bits)
-            else:
-                found = _best_offset(view, dtype, levels)
-            view_codes, view_scale, view_bias, error = found
+            view_codes, view_scale, view_bias, error = _best(_candidates(view, scheme, dtype))
             code_view[...] = view_codes
             scale[tile, owned] = view_scale
             bias[tile, owned] = view_bias
@@ -136,7 +134,44 @@ def _codes_for(values: np.ndarray, scale: np.ndarray, bias: np.ndarray,
     return np.clip(codes, 0, levels).astype(np.uint8)
 
 
-def _best_offset(values: np.ndarray, dtype: np.dtype, levels: int) -> Candidate:
+def _candidates(values: np.ndarray, scheme: Scheme, dtype: np.dtype) -> list[Candidate]:
+    levels, half = scheme.levels, 1 << (scheme.bits - 1)
+    candidates = []
+    if scheme.symmetric:
+        candidates.append(_symmetric(values, dtype, half))
+    else:
+        candidates += _affine(values, dtype, levels)
+    if scheme.clip != "none":
+        # The error-optimal search with what MLX stores: scales of either sign, a free
+        # offset, both in T. Its x̂ = s·(q − z), q ∈ [−half, half − 1], is s·u + b with
+        # u = q + half and b = −s·(half + z).
+        low = np.minimum(values.min(axis=-1), 0)
+        high = np.maximum(values.max(axis=-1), 0)
+        storage = Storage(scale_dtype=dtype, zero_point="float", negative_scales=True)
+        scale, zero_point = search_groups(values, low, high, scheme, storage)
+        zero_point = np.zeros_like(scale) if zero_point is None else zero_point
+        bias = (-scale * (np.float32(half) + zero_point)).astype(dtype)
+        stored = scale.astype(dtype)
+        candidates.append(_measure(values, _codes_for(values, stored.astype(np.float32),
+                                                      bias.astype(np.float32), levels),
+                                   stored, bias, dtype))
+    return candidates
+
+
+def _best(candidates: list[Candidate]) -> Candidate:
+    """Per group, the candidate of smallest squared error (on ties the first)."""
+    errors = np.stack([np.einsum("...i,...i->...", c[3], c[3], dtype=np.float64)
+                       for c in candidates])
+    best = errors.argmin(axis=0)
+    chosen = [part.copy() for part in candidates[0]]
+    for number, candidate in enumerate(candidates[1:], start=1):
+        mask = best == number  # per group; selects whole groups of codes and errors
+        for part, found in zip(chosen, candidate, strict=True):
+            part[mask] = found[mask]
+    return chosen[0], chosen[1], chosen[2], chosen[3]
+
+
+def _affine(values: np.ndarray, dtype: np.dtype, levels: int) -> list[Candidate]:
     low, high = values.min(axis=-1), values.max(axis=-1)
     candidates = []
     # The full range: the bias is the minimum, a value of the group, so exact in T.
@@ -152,15 +187,7 @@ def _best_offset(values: np.ndarray, dtype: np.dtype, levels: int) -> Candidate:
     candidates.append(_measure(values, _codes_for(values, stored_scale.astype(np.float32),
                                                   stored_bias.astype(np.float32), levels),
                                stored_scale, stored_bias, dtype))
-    errors = np.stack([np.einsum("...i,...i->...", c[3], c[3], dtype=np.float64)
-                       for c in candidates])
-    best = errors.argmin(axis=0)  # on ties the first: the full range
-    chosen = [part.copy() for part in candidates[0]]
-    for number, candidate in enumerate(candidates[1:], start=1):
-        mask = best == number  # per group; selects whole groups of codes and errors
-        for part, found in zip(chosen, candidate, strict=True):
-            part[mask] = found[mask]
-    return chosen[0], chosen[1], chosen[2], chosen[3]
+    return candidates
 
 
 def _mlx_parameters(low: np.ndarray, high: np.ndarray,
@@ -176,8 +203,7 @@ def _mlx_parameters(low: np.ndarray, high: np.ndarray,
     return refitted.astype(np.float32), np.where(first != 0, edge, 0).astype(np.float32)
 
 
-def _symmetric(values: np.ndarray, dtype: np.dtype, bits: int) -> Candidate:
-    half = 1 << (bits - 1)
+def _symmetric(values: np.ndarray, dtype: np.dtype, half: int) -> Candidate:
     magnitude = np.abs(values).max(axis=-1)
     scale = round_scale_up(magnitude / np.float32(half - 1), dtype).astype(dtype)
     bias = (scale.astype(np.float32) * np.float32(-half)).astype(dtype)

@@ -10,16 +10,17 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import SchemeError
-from .scheme import CODE_RANGE
+from .scheme import code_range
 
 _FLOAT32_TINY = np.float32(np.finfo(np.float32).tiny)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def qparams_from_range(
-    low: npt.ArrayLike, high: npt.ArrayLike, method: str
+    low: npt.ArrayLike, high: npt.ArrayLike, method: str, bits: int = 8
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int8] | None]:
-    """Scale (and zero point) of groups whose values span [low, high] (DESIGN §1).
+    """Scale (and zero point) of groups whose values span [low, high] (DESIGN §1), for
+    codes of ``bits``.
 
     >>> scale, zero_point = qparams_from_range(-0.5, 2.0, "affine")
     >>> float(scale), int(zero_point)
@@ -28,44 +29,51 @@ def qparams_from_range(
     False
     >>> qparams_from_range(0.0, 0.0, "affine")
     (array(0., dtype=float32), array(0, dtype=int8))
+    >>> float(qparams_from_range(-3.4, 7.0, "absmax", 4)[0])
+    1.0
     """
     low32 = np.minimum(np.asarray(low, dtype=np.float32), np.float32(0))
     high32 = np.maximum(np.asarray(high, dtype=np.float32), np.float32(0))
     if method == "absmax":
-        return absmax_scale(np.maximum(-low32, high32)), None
-    return affine_qparams(low32, high32)
+        return absmax_scale(np.maximum(-low32, high32), bits), None
+    return affine_qparams(low32, high32, bits)
 
 
-def absmax_scale(magnitude: np.ndarray) -> npt.NDArray[np.float32]:
-    """s = max|x| / 127 for float32 ``magnitude`` = max|x| of each group.
+def absmax_scale(magnitude: np.ndarray, bits: int = 8,
+                 divisor: float | None = None) -> npt.NDArray[np.float32]:
+    """s = max|x| / (2^(bits-1) - 1) for float32 ``magnitude`` = max|x| of each group:
+    the largest magnitude maps to the largest code (127, or 7 at 4 bits). A format may
+    fix another ``divisor`` (compressed-tensors: 7.5 at 4 bits).
 
     One float32 division gives the correctly rounded quotient, the same value as dividing
     in float64 and rounding once (double rounding is innocuous for a single division).
     """
-    scale = np.asarray(magnitude / np.float32(127), dtype=np.float32)
+    highest = divisor or code_range("absmax", bits)[1]
+    scale = np.asarray(magnitude / np.float32(highest), dtype=np.float32)
     if scale.size and scale.min() < _FLOAT32_TINY:
-        scale = _floor_tiny(magnitude.astype(np.float64) / 127.0, scale)
+        scale = _floor_tiny(magnitude.astype(np.float64) / highest, scale)
     if scale.size and magnitude.max() > _LARGE:
         zero = np.zeros(scale.shape)
         scale = _avoid_overflow(-magnitude.astype(np.float64), magnitude.astype(np.float64),
-                                scale, zero, "absmax")[0]
+                                scale, zero, "absmax", bits)[0]
     return scale
 
 
 def affine_qparams(
-    low: np.ndarray, high: np.ndarray
+    low: np.ndarray, high: np.ndarray, bits: int = 8
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int8]]:
-    """s = (hi - lo) / 255 and z = clip(rint(-128 - lo / s), -128, 127) for float32
-    ``low`` ≤ 0 ≤ ``high``; the difference is taken in float64, where it is exact."""
+    """s = (hi - lo) / (2^bits - 1) and z = clip(rint(lowest - lo / s), lowest, highest)
+    for float32 ``low`` ≤ 0 ≤ ``high`` (255 and -128 at 8 bits); the difference is taken
+    in float64, where it is exact."""
     low64 = low.astype(np.float64)
     high64 = high.astype(np.float64)
-    exact = (high64 - low64) / 255.0
+    exact = (high64 - low64) / ((1 << bits) - 1)
     scale = np.asarray(exact.astype(np.float32))
     if scale.size and scale.min() < _FLOAT32_TINY:
         scale = _floor_tiny(exact, scale)
-    zero_point = _zero_point(low64, scale)
+    zero_point = _zero_point(low64, scale, bits)
     if scale.size and max(-low.min(), high.max()) > _LARGE:
-        scale, zero_point = _avoid_overflow(low64, high64, scale, zero_point, "affine")
+        scale, zero_point = _avoid_overflow(low64, high64, scale, zero_point, "affine", bits)
     return scale, zero_point.astype(np.int8)
 
 
@@ -81,24 +89,24 @@ def _floor_tiny(exact: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def _avoid_overflow(
     low64: np.ndarray, high64: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
-    method: str,
+    method: str, bits: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """At the very top of float32's range, a scale rounded up would make the extreme code
     dequantize to infinity (127 · fl(3.4028235e38 / 127) overflows): round it down."""
-    lowest, highest = CODE_RANGE[method]
+    lowest, highest = code_range(method, bits)
     reach = np.maximum(highest - zero_point, zero_point - lowest)
     overflow = reach * scale.astype(np.float64) > _FLOAT32_MAX
     if np.any(overflow):
         scale = np.where(overflow, np.nextafter(scale, np.float32(0)), scale)
         if method == "affine":
-            zero_point = _zero_point(low64, scale)
-        _check_finite_grid(low64, high64, scale, zero_point, method)
+            zero_point = _zero_point(low64, scale, bits)
+        _check_finite_grid(low64, high64, scale, zero_point, method, bits)
     return scale, zero_point
 
 
 def _check_finite_grid(
     low64: np.ndarray, high64: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
-    method: str,
+    method: str, bits: int,
 ) -> None:
     """Refuse groups whose extreme values would dequantize to infinity.
 
@@ -107,7 +115,7 @@ def _check_finite_grid(
     finite grid of that step can honour the s/2 bound there. The check mirrors the
     kernel's float32 arithmetic on the group's extremes, which bound every other value.
     """
-    lowest, highest = CODE_RANGE[method]
+    lowest, highest = code_range(method, bits)
     safe = np.where(scale == 0, np.float32(1), scale)
     zero32 = zero_point.astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -121,11 +129,12 @@ def _check_finite_grid(
                 )
 
 
-def _zero_point(low64: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """z = clip(rint(-128 - lo / s), -128, 127) in float64; 0 where s = 0."""
+def _zero_point(low64: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    """z = clip(rint(lowest - lo / s), lowest, highest) in float64; 0 where s = 0."""
+    lowest, highest = code_range("affine", bits)
     ratio = np.zeros(scale.shape)
     np.divide(low64, scale, out=ratio, where=scale > 0)
-    zero_point = np.clip(np.rint(-128.0 - ratio), -128, 127)
+    zero_point = np.clip(np.rint(lowest - ratio), lowest, highest)
     return np.where(scale > 0, zero_point, 0.0)
 
 
@@ -143,7 +152,7 @@ def round_scale_up(scale: np.ndarray, dtype: np.dtype) -> npt.NDArray[np.float32
     Raises:
         SchemeError: a scale beyond the range of ``dtype`` (float16 above 65504).
     """
-    if dtype == np.float32 or dtype == np.float64:
+    if dtype in (np.float32, np.float64):
         return scale
     nearest = scale.astype(dtype)
     below = nearest.astype(np.float32) < scale

@@ -40,8 +40,10 @@ import numpy.typing as npt
 
 from ..errors import DtypeRangeError, NonFiniteValuesError, SchemeError
 from . import clip, kernels
+from .fp8 import dequantize_fp8_rows, quantize_fp8_rows
 from .params import qparams_from_range, round_scale_up
 from .scheme import Scheme
+from .search import PLAIN, Storage
 from .stats import ErrorStats
 from .threads import map_tiles, scratch, tile_rows
 
@@ -148,7 +150,8 @@ def value_range(rows: np.ndarray) -> tuple[float, float]:
 
 
 def tensor_errors(
-    rows: np.ndarray, value_range_: tuple[float, float], method: str, factors: list[float]
+    rows: np.ndarray, value_range_: tuple[float, float], method: str, factors: list[float],
+    bits: int = 8,
 ) -> np.ndarray:
     """Σ(x - x̂)² over ``rows`` (float64, one per factor) with the whole-tensor range
     shrunk by each factor: the per-tensor form of the ``--clip mse`` search, summed over
@@ -163,7 +166,7 @@ def tensor_errors(
             clip.group_errors(values, np.broadcast_to(low, values.shape[:2]),
                               np.broadcast_to(high, values.shape[:2]),
                               np.full(values.shape[:2], factor, dtype=np.float32),
-                              method).sum()
+                              method, bits).sum()
             for factor in factors
         ])
 
@@ -198,8 +201,8 @@ def per_tensor_range(chunks: Iterable[np.ndarray], scheme: Scheme) -> tuple[floa
         return low, high
 
     def errors(factors: list[float]) -> list[float]:
-        return list(np.sum([tensor_errors(chunk, (low, high), scheme.method, factors)
-                            for chunk in chunks], axis=0))
+        return list(np.sum([tensor_errors(chunk, (low, high), scheme.method, factors,
+                                          scheme.bits) for chunk in chunks], axis=0))
 
     factor = clip.search_tensor_factor(errors)
     return low * factor, high * factor
@@ -211,7 +214,7 @@ def quantize_rows(
     *,
     tensor_range: tuple[float, float] | None = None,
     with_stats: bool = False,
-    scale_dtype: npt.DTypeLike | None = None,
+    storage: Storage = PLAIN,
 ) -> RowResult:
     """Quantize a run of rows of a tensor's 2-D row view (see ``Scheme.row_view_shape``).
 
@@ -221,10 +224,11 @@ def quantize_rows(
     the whole tensor (``tensor_range``, from :func:`per_tensor_range` over all chunks);
     without it the range of ``rows`` is used; a given range must come from
     :func:`per_tensor_range` over the same values, which is also what refuses non-finite
-    values. ``with_stats``
-    also returns the error statistics, computed while each tile is still in cache.
-    ``scale_dtype`` (absmax, per channel or block) rounds every scale up to a value that
-    dtype holds, for formats that store scales in the model's dtype.
+    values. ``with_stats`` also returns the error statistics, computed while each tile is
+    still in cache. ``storage`` says what the format holds: scales in another dtype (they
+    are rounded to it, up where plain rounding must not clip), fractional zero points,
+    negative scales, or a format's own divisor for plain absmax rounding. FP8 goes to
+    fp8.py.
 
     >>> result = quantize_rows(np.array([[1.6, -0.7, -3.4, 1.7]], np.float32), Scheme())
     >>> result.codes.tolist(), result.scale.shape
@@ -234,20 +238,32 @@ def quantize_rows(
     if rows.ndim != 2:
         raise TypeError("quantize_rows takes a 2-D array")
     rows = np.ascontiguousarray(rows)
+    if scheme.method == "fp8":
+        magnitude = None if tensor_range is None else max(-tensor_range[0], tensor_range[1])
+        try:
+            fp8_codes, fp8_scale, fp8_stats = quantize_fp8_rows(
+                rows, scheme, storage.scale_dtype, magnitude, with_stats)
+        except kernels.NonFiniteInTile:
+            raise non_finite_error(rows) from None
+        return RowResult(fp8_codes, fp8_scale, None, fp8_stats)
     row_count, columns = rows.shape
     codes = np.empty(rows.shape, dtype=np.int8)
     per_tensor = scheme.granularity == "tensor"
+    fractional = storage.zero_point == "float" and not scheme.symmetric
     if per_tensor:
         if tensor_range is None:
             tensor_range = per_tensor_range([rows], scheme)
         low, high = tensor_range
-        tensor_scale, tensor_zero = qparams_from_range(low, high, scheme.method)
-        scale = tensor_scale.reshape(1, 1)
+        tensor_scale, tensor_zero = qparams_from_range(low, high, scheme.method, scheme.bits)
+        scale = round_scale_up(tensor_scale, storage.scale_dtype).reshape(1, 1)
         zero_point = None if tensor_zero is None else tensor_zero.reshape(1, 1)
+        if zero_point is not None and fractional:
+            zero_point = zero_point.astype(np.float32)
     else:
         groups = scheme.groups_per_row(columns)
         scale = np.empty((row_count, groups), dtype=np.float32)
-        zero_point = None if scheme.symmetric else np.empty((row_count, groups), np.int8)
+        zero_point = None if scheme.symmetric else np.empty(
+            (row_count, groups), np.float32 if fractional else np.int8)
 
     # Group ranges are read from the stored bits where they can be (BF16, F16: half the
     # bytes); float64 is read after conversion.
@@ -267,9 +283,7 @@ def quantize_rows(
                 view_zero = None if zero_point is None else np.broadcast_to(
                     zero_point, view.shape[:2])
             else:
-                view_scale, view_zero = kernels.tile_qparams(range_view, scheme, view)
-                if scale_dtype is not None:
-                    view_scale = round_scale_up(view_scale, np.dtype(scale_dtype))
+                view_scale, view_zero = kernels.tile_qparams(range_view, scheme, view, storage)
                 scale[tile, owned] = view_scale
                 if zero_point is not None and view_zero is not None:
                     zero_point[tile, owned] = view_zero
@@ -293,20 +307,23 @@ def quantize_rows(
 
 
 def dequantize_rows(
-    codes: npt.NDArray[np.int8],
-    scale: npt.NDArray[np.float32],
-    zero_point: npt.NDArray[np.int8] | None,
+    codes: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None,
     scheme: Scheme,
     dtype: npt.DTypeLike = np.float32,
 ) -> np.ndarray:
     """Inverse of :func:`quantize_rows`: the values of a run of rows, as ``dtype``.
 
     ``scale`` and ``zero_point`` are the row-view shaped arrays of those rows ((1, 1) per
-    tensor). Values are computed in float32 and converted tile by tile.
+    tensor; tile rows by tile columns for FP8 tiles). Values are computed in float32 and
+    converted tile by tile.
 
     Raises:
         DtypeRangeError: a value does not fit ``dtype`` (float16 above 65504).
     """
+    if scheme.method == "fp8":
+        return dequantize_fp8_rows(codes, scale, scheme, dtype)
     codes = np.ascontiguousarray(codes)
     target = np.dtype(dtype)
     out = np.empty(codes.shape, dtype=target)
@@ -315,9 +332,11 @@ def dequantize_rows(
     scale = np.asarray(scale, dtype=np.float32)
     per_tensor = scheme.granularity == "tensor"
 
-    # |x̂| ≤ 255·s: only scales this large (a damaged file, or values near float32's
-    # limit) can overflow, and only then is each tile checked.
-    may_overflow = bool(scale.size) and float(np.max(scale)) * 255 > _FLOAT32_MAX
+    # |x̂| ≤ (255 + |z|)·|s|: only scales this large (a damaged file, or values near
+    # float32's limit) can overflow, and only then is each tile checked.
+    reach = 256 + (float(np.abs(zero_point).max()) if zero_point is not None
+                   and zero_point.size else 0)
+    may_overflow = bool(scale.size) and float(np.abs(scale).max()) * reach > _FLOAT32_MAX
 
     def work(tile: slice) -> None:
         values = out[tile] if target == np.float32 else scratch(3, out[tile].shape)

@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from ..core.quantize import RowResult, quantize_rows
 from ..core.scheme import Scheme
+from ..core.search import PLAIN, Storage
 from ..errors import QuantizedFormatError, located
 from ..storage.dtypes import numpy_dtype
 from ..storage.header import Header, TensorEntry
@@ -98,7 +99,8 @@ class Codec(ABC):
     name: ClassVar[str]
     #: One line for ``--format``'s help.
     summary: ClassVar[str]
-    #: The suffix of default output names (``model.<suffix>.safetensors``).
+    #: What default output names say of the format, before the precision
+    #: (``model.<suffix>int8.safetensors``).
     suffix: ClassVar[str]
     #: The scheme when none is asked for.
     default_scheme: ClassVar[Scheme] = Scheme()
@@ -114,18 +116,22 @@ class Codec(ABC):
     # ------------------------------------------------------------------------ writing
 
     def scheme(self, method: str | None = None, granularity: str | None = None,
-               block_size: int | None = None, clip: str = "auto") -> Scheme:
+               block_size: int | None = None, clip: str = "auto", bits: int = 8) -> Scheme:
         """The scheme asked for, with this format's defaults for what was not.
 
         >>> from quantize_cli.formats import codec_for
         >>> codec_for("mlx").scheme(block_size=32)
-        Scheme(method='affine', granularity='block', block_size=32, clip='none')
+        Scheme(method='affine', granularity='block', block_size=32, clip='none', bits=8)
         """
         default = self.default_scheme
         chosen = granularity or ("block" if block_size is not None else default.granularity)
         if chosen == "block":
             block_size = block_size or default.block_size or Scheme().block_size
-        return Scheme(method or default.method, chosen, block_size, clip)  # type: ignore[arg-type]
+        return Scheme(method or default.method, chosen, block_size, clip, bits)  # type: ignore[arg-type]
+
+    def output_suffix(self, scheme: Scheme) -> str:
+        """The suffix of default output names: ``int8``, ``ct-int4``, ``mlx-int8``, …"""
+        return self.suffix + ("fp8" if scheme.method == "fp8" else f"int{scheme.bits}")
 
     def check_scheme(self, scheme: Scheme) -> None:  # noqa: B027 - most formats store any
         """Refuse, before any work, a scheme this format cannot store (SchemeError)."""
@@ -140,21 +146,33 @@ class Codec(ABC):
     def stored_tensors(self, entry: TensorEntry, scheme: Scheme) -> list[StoredTensor]:
         """The tensors a quantized ``entry`` becomes, from its header entry alone."""
 
+    def storage(self, entry: TensorEntry, scheme: Scheme) -> Storage:
+        """What this format stores of a group's parameters (their dtype, whether zero
+        points are fractional and scales may be negative), which the search respects."""
+        return PLAIN
+
+    def row_multiple(self, scheme: Scheme) -> int:
+        """Row chunks of a weight must hold a multiple of this many rows."""
+        return scheme.row_multiple
+
     def quantize_rows(self, entry: TensorEntry, rows: np.ndarray, scheme: Scheme, *,
                       tensor_range: tuple[float, float] | None,
                       with_stats: bool) -> RowResult:
         """Quantize a chunk of rows of ``entry``'s row view the way this format rounds
-        (by default, DESIGN §1)."""
-        return quantize_rows(rows, scheme, tensor_range=tensor_range, with_stats=with_stats)
+        (by default, DESIGN §1, with what :meth:`storage` allows)."""
+        return quantize_rows(rows, scheme, tensor_range=tensor_range, with_stats=with_stats,
+                             storage=self.storage(entry, scheme))
 
     def produced_valid(self, result: RowResult, scheme: Scheme) -> bool:
         """Whether quantized numbers are what the format can hold, checked before they
         are written (DESIGN §6.4); by default finite, non-negative scales and codes in
         the scheme's range. Cheap: the small scale array and the codes' min and max."""
+        scales_valid = bool(np.isfinite(result.scale).all() and (result.scale >= 0).all())
+        if scheme.method == "fp8":  # codes are floats: the cast would have made NaN
+            return scales_valid and not np.isnan(result.codes.astype(np.float32)).any()
         lowest, highest = scheme.code_range
-        return bool(np.isfinite(result.scale).all() and (result.scale >= 0).all()) and (
-            result.codes.size == 0 or (int(result.codes.min()) >= lowest
-                                       and int(result.codes.max()) <= highest))
+        return scales_valid and (result.codes.size == 0 or (
+            int(result.codes.min()) >= lowest and int(result.codes.max()) <= highest))
 
     @abstractmethod
     def encode(self, entry: TensorEntry, scheme: Scheme, result: RowResult,
@@ -168,9 +186,11 @@ class Codec(ABC):
         """A shard's output ``__metadata__``, from its input's."""
 
     def model_config(self, config: dict[str, Any] | None, scheme: Scheme,
+                     quantized: Sequence[QuantizedWeight],
                      kept: Sequence[TensorEntry]) -> dict[str, Any] | None:
         """The output model's config.json from the input's (None: there is none);
-        ``kept`` are the float tensors that stayed in their dtype."""
+        ``scheme`` is the one asked for, ``quantized`` the weights with the schemes they
+        got, ``kept`` the float tensors that stayed in their dtype."""
         return config
 
     # ------------------------------------------------------------------------ reading
@@ -222,14 +242,17 @@ class Codec(ABC):
 
 
 def read_groups(reader: SafetensorsReader, weight: StoredWeight, start: int,
-                stop: int) -> StoredRows:
+                stop: int, roles: tuple[Role, ...] = ("scale", "zero_point")) -> StoredRows:
     """The per-group tensors (scale, zero point) of rows [start, stop) of ``weight``'s
     row view: the scale as float32 (exact from float16, bfloat16 and float32), the zero
-    point as stored; one value per tensor is read whole, as shape (1, 1)."""
+    point as stored; one value per tensor is read whole, as shape (1, 1); for tiles, the
+    rows of tiles that [start, stop) covers."""
     scheme = weight.scheme
     groups = scheme.groups_per_row(weight.row_view[1])
+    if scheme.tiles:
+        height = scheme.row_multiple
+        start, stop = start // height, -(-stop // height)
     found: StoredRows = {}
-    roles: tuple[Role, ...] = ("scale", "zero_point")
     for role in roles:
         name = weight.tensor(role)
         if name is None:
@@ -244,8 +267,32 @@ def read_groups(reader: SafetensorsReader, weight: StoredWeight, start: int,
     return found
 
 
-def refuse_bad_scales(path: Path, weight: StoredWeight, scale: np.ndarray) -> None:
-    """Refuse stored scales qz could never have written, rather than return wrong values."""
-    if not (np.isfinite(scale).all() and (scale >= 0).all()):
+def refuse_bad_scales(path: Path, weight: StoredWeight, scale: np.ndarray,
+                      negative: bool = False) -> None:
+    """Refuse stored scales qz could never have written (non-finite; negative unless the
+    format allows them), rather than return wrong values."""
+    if not (np.isfinite(scale).all() and (negative or (scale >= 0).all())):
         raise QuantizedFormatError(located(path, weight.tensor("scale"),
                                            "holds non-finite or negative scales"))
+
+
+def pack_nibbles(codes: np.ndarray, row_bytes: int) -> np.ndarray:
+    """4-bit values (the low nibble of each byte of ``codes``, rows × n) packed two to a
+    byte, the first in the low nibble, each row padded with zeros to ``row_bytes``: the
+    byte order of qz's 4-bit codes, of MLX's and of compressed-tensors' little-endian words.
+
+    >>> pack_nibbles(np.array([[1, 2, 15]], np.uint8), 2).tolist()
+    [[33, 15]]
+    """
+    rows, count = codes.shape
+    nibbles = np.zeros((rows, row_bytes * 2), dtype=np.uint8)
+    nibbles[:, :count] = codes.astype(np.uint8) & 0x0F
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    """The inverse of :func:`pack_nibbles`: rows × ``count`` values in 0..15, as uint8."""
+    values = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.uint8)
+    values[:, 0::2] = packed & 0x0F
+    values[:, 1::2] = packed >> 4
+    return values[:, :count]

@@ -1,16 +1,18 @@
 """The MLX format: the layout ``mlx_lm.convert -q`` writes, which ``mlx_lm.load`` runs.
 
 For a quantized Linear or Embedding weight ``X.weight`` of shape (out, in), in groups of
-g values along the last axis with b bits:
+g values along the last axis with b bits (8 or 4):
 
 * ``X.weight`` U32 (out, in · b / 32): the codes q ∈ [0, 2^b − 1], packed little endian,
-  least significant bits first (for 8 bits: the codes are the bytes, in order);
+  least significant bits first (8 bits: the codes are the bytes, in order; 4 bits: two to
+  a byte, the first in the low nibble);
 * ``X.scales`` and ``X.biases`` in the weight's dtype, (out, in / g);
 * dequantized: x̂ = scales · q + biases, each operation rounded to the weight's dtype.
 
 config.json gains ``quantization`` = ``quantization_config`` = ``{"group_size": g,
-"bits": b, "mode": "affine"}``; a layer is quantized when its ``.scales`` exist, so
-layers left in float need no entry. Every shard's metadata says ``format: mlx``. MLX
+"bits": b, "mode": "affine"}``, with an entry of its own for each layer quantized
+otherwise (``--rule``); a layer is quantized when its ``.scales`` exist, so layers left in
+float need no entry. Every shard's metadata says ``format: mlx``. MLX
 quantizes Linear and Embedding layers whose last dimension divides by the group; norms
 and other 1-D tensors stay. Sources: ``mlx/ops.cpp`` (``affine_quantize``) and
 ``mlx_lm/utils.py`` (``quantize_model``, ``load_model``).
@@ -27,7 +29,7 @@ import numpy.typing as npt
 
 from ..core.offset import dequantize_offset, quantize_offset_rows
 from ..core.quantize import RowResult
-from ..core.scheme import Scheme
+from ..core.scheme import BITS, Scheme
 from ..errors import QuantizedFormatError, SchemeError, located
 from ..storage.dtypes import FLOAT_DTYPES, numpy_dtype
 from ..storage.header import Header, TensorEntry
@@ -40,11 +42,12 @@ from .base import (
     StoredRows,
     StoredTensor,
     StoredWeight,
+    pack_nibbles,
     refuse_bad_scales,
+    unpack_nibbles,
 )
 
 BLOCK_SIZES = (32, 64, 128)
-BITS = 8
 SCALES, BIASES = ".scales", ".biases"
 SUPPORTED = "MLX stores groups of 32, 64 or 128 values along the last axis"
 
@@ -53,11 +56,15 @@ class MlxFormat(Codec):
     name = "mlx"
     summary = ("mlx: the layout mlx_lm.convert -q writes (packed codes, scales and biases "
                "in groups of 32/64/128, default 64), for mlx-lm")
-    suffix = "mlx-int8"
+    suffix = "mlx-"
     default_scheme = Scheme("affine", "block", 64)
     folder_output = True
 
     def check_scheme(self, scheme: Scheme) -> None:
+        if scheme.method == "fp8":
+            raise SchemeError("MLX stores integer codes (its FP formats are mxfp8 and "
+                              "nvfp4, which qz does not write)", hint="use --format qz "
+                              "or compressed-tensors for FP8")
         if scheme.granularity != "block" or scheme.block_size not in BLOCK_SIZES:
             what = (f"block {scheme.block_size}" if scheme.granularity == "block"
                     else f"per {scheme.granularity}")
@@ -80,14 +87,14 @@ class MlxFormat(Codec):
         rows, columns = entry.shape
         groups = scheme.groups_per_row(columns)
         module = entry.name.removesuffix(".weight")
-        return [StoredTensor(entry.name, "U32", (rows, columns * BITS // 32), "codes"),
+        return [StoredTensor(entry.name, "U32", (rows, columns * scheme.bits // 32), "codes"),
                 StoredTensor(module + SCALES, entry.dtype, (rows, groups), "scale"),
                 StoredTensor(module + BIASES, entry.dtype, (rows, groups), "bias")]
 
     def quantize_rows(self, entry: TensorEntry, rows: np.ndarray, scheme: Scheme, *,
                       tensor_range: tuple[float, float] | None,
                       with_stats: bool) -> RowResult:
-        found = quantize_offset_rows(rows, scheme, BITS, with_stats=with_stats)
+        found = quantize_offset_rows(rows, scheme, with_stats=with_stats)
         return RowResult(codes=found.codes, scale=found.scale, zero_point=None,
                          stats=found.stats, bias=found.bias)
 
@@ -101,8 +108,11 @@ class MlxFormat(Codec):
                first_row: int) -> list[tuple[str, np.ndarray]]:
         assert result.bias is not None
         module = entry.name.removesuffix(".weight")
-        # 8-bit codes packed little endian into uint32 are their own bytes, in order.
-        return [(entry.name, result.codes), (module + SCALES, result.scale),
+        # Codes packed little endian into uint32 are bytes in order: for 8 bits the
+        # codes themselves, for 4 bits two to a byte, the first in the low nibble.
+        codes = result.codes if scheme.bits == 8 else pack_nibbles(
+            result.codes, result.codes.shape[1] // 2)
+        return [(entry.name, codes), (module + SCALES, result.scale),
                 (module + BIASES, result.bias)]
 
     def shard_metadata(self, metadata: dict[str, str],
@@ -110,10 +120,15 @@ class MlxFormat(Codec):
         return {**metadata, "format": "mlx"}
 
     def model_config(self, config: dict[str, Any] | None, scheme: Scheme,
+                     quantized: Sequence[QuantizedWeight],
                      kept: Sequence[TensorEntry]) -> dict[str, Any] | None:
         if config is None:
             return None
-        quantization = {"group_size": scheme.block_size, "bits": BITS, "mode": "affine"}
+        quantization: dict[str, Any] = _parameters_of(scheme)
+        for weight in quantized:  # layers quantized otherwise than asked (--rule, …)
+            if weight.scheme != scheme:
+                quantization[weight.entry.name.removesuffix(".weight")] = _parameters_of(
+                    weight.scheme)
         return {**config, "quantization": quantization, "quantization_config": quantization}
 
     # ------------------------------------------------------------------------ reading
@@ -132,12 +147,12 @@ class MlxFormat(Codec):
             block, bits = _parameters(config, module, path)
             codes = header[module + ".weight"]
             columns = codes.shape[-1] * 32 // bits
-            if bits != BITS or columns != entry.shape[-1] * block:
+            if bits not in BITS or columns != entry.shape[-1] * block:
                 raise QuantizedFormatError(located(
                     path, codes.name, f"{bits}-bit codes in groups of {block} do not match "
                     f"its shape {list(codes.shape)} and the scales' {list(entry.shape)}"
-                    + ("" if bits == BITS else f" (this qz reads {BITS}-bit MLX weights)")))
-            scheme = Scheme("affine", "block", block)
+                    + ("" if bits in BITS else " (this qz reads 8- and 4-bit MLX weights)")))
+            scheme = Scheme("affine", "block", block, "none", bits)
             tensors: tuple[tuple[str, Role], ...] = (
                 (codes.name, "codes"), (entry.name, "scale"), (module + BIASES, "bias"))
             found.append(StoredWeight(
@@ -151,8 +166,10 @@ class MlxFormat(Codec):
         header = reader.header
         columns = weight.row_view[1]
         groups = weight.scheme.groups_per_row(columns)
-        codes = np.empty((stop - start, columns), dtype=np.uint8)
-        reader.read_into(header[weight.codes], start * columns, codes)
+        row_bytes = columns * weight.scheme.bits // 8
+        packed = np.empty((stop - start, row_bytes), dtype=np.uint8)
+        reader.read_into(header[weight.codes], start * row_bytes, packed)
+        codes = packed if weight.scheme.bits == 8 else unpack_nibbles(packed, columns)
         found: StoredRows = {"codes": codes}
         roles: tuple[Role, ...] = ("scale", "bias")
         for role in roles:
@@ -184,6 +201,10 @@ class MlxFormat(Codec):
     def float_metadata(self, metadata: dict[str, str]) -> dict[str, str]:
         # A float checkpoint for PyTorch-based loaders again.
         return {**metadata, "format": "pt"} if metadata.get("format") == "mlx" else metadata
+
+
+def _parameters_of(scheme: Scheme) -> dict[str, Any]:
+    return {"group_size": scheme.block_size, "bits": scheme.bits, "mode": "affine"}
 
 
 def _module_of_scales(header: Header, entry: TensorEntry) -> str | None:

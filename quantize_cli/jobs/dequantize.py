@@ -127,7 +127,8 @@ def _dequantize_shard(shard: Shard, codec: Codec | None, planned: list[PlannedTe
                 rows, columns = weight.row_view
                 # Chunks are sized by the float32 values they become, the largest buffer.
                 steps += [(tensor, weight, partial(codec.read_rows, reader, weight, start, stop))
-                          for start, stop in row_ranges(rows, columns * 4, chunk_bytes)]
+                          for start, stop in row_ranges(rows, columns * 4, chunk_bytes,
+                                                        codec.row_multiple(weight.scheme))]
         reads = stack.enter_context(ReadAhead([(index, read) for index, (_, _, read)
                                                in enumerate(steps)]))
         for index, (tensor, weight, read) in enumerate(steps):

@@ -51,6 +51,14 @@ class LogicalTensor:
         return f"{self.weight.description} (from {self.dtype})"
 
     @property
+    def multiple(self) -> int:
+        """Chunks must hold a multiple of this many slices (rows of tiles, packed zero
+        points: only 2-D weights have them, where a slice is a row)."""
+        if self.weight is None or self.codec is None:
+            return 1
+        return self.codec.row_multiple(self.weight.scheme)
+
+    @property
     def slices(self) -> int:
         """Slices along the first axis (the unit both sides of a comparison read in)."""
         return self.shape[0] if len(self.shape) >= 2 else 1
@@ -109,8 +117,9 @@ def diff_checkpoints(a: str | Path, b: str | Path, chunk_bytes: int = CHUNK_BYTE
                 report.shape_mismatches.append((name, one.shape, other.shape))
             elif one.dtype in FLOAT_DTYPES and other.dtype in FLOAT_DTYPES:
                 stats = ErrorStats()
-                for values, approximation in zip(_float_chunks(one, chunk_bytes),
-                                                 _float_chunks(other, chunk_bytes),
+                multiple = math.lcm(one.multiple, other.multiple)
+                for values, approximation in zip(_float_chunks(one, chunk_bytes, multiple),
+                                                 _float_chunks(other, chunk_bytes, multiple),
                                                  strict=True):
                     stats = stats.merge(error_stats(values, approximation))
                 report.compared.append(TensorDifference(name, one.shape, one.label(),
@@ -126,16 +135,18 @@ def diff_checkpoints(a: str | Path, b: str | Path, chunk_bytes: int = CHUNK_BYTE
     return report
 
 
-def _slice_ranges(tensor: LogicalTensor, bytes_per_slice: int,
-                  chunk_bytes: int) -> list[tuple[int, int]]:
-    return row_ranges(tensor.slices, bytes_per_slice, chunk_bytes)
+def _slice_ranges(tensor: LogicalTensor, bytes_per_slice: int, chunk_bytes: int,
+                  multiple: int = 1) -> list[tuple[int, int]]:
+    return row_ranges(tensor.slices, bytes_per_slice, chunk_bytes, multiple)
 
 
-def _float_chunks(tensor: LogicalTensor, chunk_bytes: int) -> Iterator[np.ndarray]:
+def _float_chunks(tensor: LogicalTensor, chunk_bytes: int,
+                  multiple: int) -> Iterator[np.ndarray]:
     """The tensor's values as float64, in chunks of whole slices along the first axis (the
-    chunks of both sides of a comparison line up because they have the same shape)."""
+    chunks of both sides of a comparison line up because they have the same shape and
+    the same ``multiple``)."""
     per_slice = math.prod(tensor.shape) // tensor.slices if tensor.slices else 0
-    ranges = _slice_ranges(tensor, per_slice * 8, chunk_bytes)
+    ranges = _slice_ranges(tensor, per_slice * 8, chunk_bytes, multiple)
 
     def chunks() -> Iterator[np.ndarray]:
         for start, stop in ranges:

@@ -80,7 +80,8 @@ def quantize_checkpoint(
                           f"not to {codec.name}")
     checkpoint = open_checkpoint(source)
     _refuse_quantized(checkpoint)
-    output_plan = outputs.plan_output(checkpoint, output, codec.suffix, codec.folder_output)
+    output_plan = outputs.plan_output(checkpoint, output, codec.output_suffix(scheme),
+                                      codec.folder_output)
     config = outputs.model_config(checkpoint)
     deployment = Deployment(tensor_parallel, config)
     plans = {shard.path.name: plan_shard(shard.header, shard.path, scheme, codec, include,
@@ -127,13 +128,15 @@ def quantize_checkpoint(
                                     codec, options, error_stats, progress, chunk_bytes)
             tensors += report_for(shard, stats)
         if output_plan.folder:
-            kept = [plan.entry for shard_plans in plans.values() for plan in shard_plans
-                    if not plan.quantized]
+            every = [plan for shard_plans in plans.values() for plan in shard_plans]
             outputs.finish_folder(
                 destination, checkpoint,
                 {name: [t for plan in shard_plans for t in plan.outputs]
                  for name, shard_plans in plans.items()},
-                codec.model_config(config, scheme, kept))
+                codec.model_config(config, scheme,
+                                   [plan.as_quantized_weight() for plan in every
+                                    if plan.quantized],
+                                   [plan.entry for plan in every if not plan.quantized]))
         destination.publish()
     return report(tensors)
 
@@ -187,8 +190,8 @@ def _quantize_shard(
     # at the end (a placeholder of the same length holds its place).
     metadata.update(provenance(shard.path.name, PENDING_HASH if hash_source else None,
                                options))
-    layout = [(plan.entry, plan.scheme.row_view_shape(plan.entry.shape) if plan.scheme
-               else None) for plan in plans]
+    layout = [(plan.entry, plan.scheme.row_view_shape(plan.entry.shape), codec.row_multiple(
+        plan.scheme)) if plan.scheme else (plan.entry, None, 1) for plan in plans]
     stats: dict[str, ErrorStats] = {}
     with ExitStack() as stack:
         reader = stack.enter_context(SafetensorsReader(shard.path))
@@ -200,14 +203,14 @@ def _quantize_shard(
         if hasher is not None:
             stack.callback(hasher.close)
         stream = stack.enter_context(ShardStream(reader, layout, chunk_bytes, hasher))
-        for plan, (entry, row_shape) in zip(plans, layout, strict=True):
+        for plan, (entry, row_shape, multiple) in zip(plans, layout, strict=True):
             if row_shape is None:
                 for piece in stream.pieces(entry):
                     writer.write(plan.name, piece)
                     progress.advance(piece.nbytes, plan.name)
                 continue
-            tensor_stats = _quantize_tensor(stream.rows(entry, row_shape), plan, codec,
-                                            writer, error_stats, progress)
+            tensor_stats = _quantize_tensor(stream.rows(entry, row_shape, multiple), plan,
+                                            codec, writer, error_stats, progress)
             if tensor_stats is not None:
                 stats[plan.name] = tensor_stats
         reader.check_unchanged()

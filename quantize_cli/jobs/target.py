@@ -32,7 +32,7 @@ def choose_for_target(
         measured = [plan for plan in shard_plans if plan.quantized]
         # The first candidate's row view: the one read ahead.
         first = Scheme(method, *LADDER[0])  # type: ignore[arg-type]
-        layout = [(plan.entry, first.row_view_shape(plan.entry.shape)) for plan in measured]
+        layout = [(plan.entry, first.row_view_shape(plan.entry.shape), 1) for plan in measured]
         with SafetensorsReader(shard.path) as reader, \
                 ShardStream(reader, layout, chunk_bytes) as stream:
             chosen[shard.path.name] = [
@@ -49,7 +49,7 @@ def _choose(stream: ShardStream, plan: TensorPlan, method: Method, target_db: fl
         scheme = Scheme(method, granularity, block)  # type: ignore[arg-type]
         row_shape = scheme.row_view_shape(plan.entry.shape)
         if row_shape not in views:
-            views[row_shape] = stream.rows(plan.entry, row_shape)
+            views[row_shape] = stream.rows(plan.entry, row_shape, codec.row_multiple(scheme))
         sqnr = _measure(views[row_shape], scheme, codec).sqnr_db
         reached = sqnr >= target_db
         label = granularity if block is None else f"block {block}"

@@ -53,6 +53,9 @@ INTEGER_DTYPES: dict[str, np.dtype] = {
     "U64": np.dtype("<u8"),
 }
 
+#: numpy dtypes of the FP8 formats qz writes and reads (not quantized themselves).
+FP8_DTYPES: dict[str, np.dtype] = {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn)}
+
 #: Names accepted by ``qz dequantize --dtype`` and the safetensors code each one writes.
 OUTPUT_DTYPES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -65,6 +68,8 @@ def numpy_dtype(code: str) -> np.dtype:
     """
     if code in FLOAT_DTYPES:
         return FLOAT_DTYPES[code]
+    if code in FP8_DTYPES:
+        return FP8_DTYPES[code]
     return INTEGER_DTYPES[code]
 
 

@@ -155,12 +155,15 @@ def _open_regular_file(path: Path) -> int:
         raise InputError(located(path, None, f"cannot be read ({error.strerror})")) from None
 
 
-def row_ranges(rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
-    """Runs of rows of at most ``chunk_bytes`` each (at least one row a run): how every
-    job splits a tensor, whatever it reads or produces per row.
+def row_ranges(rows: int, row_bytes: int, chunk_bytes: int,
+               multiple: int = 1) -> list[tuple[int, int]]:
+    """Runs of rows of at most ``chunk_bytes`` each (at least ``multiple`` rows a run, and
+    a multiple of it but for the last): how every job splits a tensor, whatever it reads
+    or produces per row.
 
-    >>> row_ranges(5, 40, 100)
-    [(0, 2), (2, 4), (4, 5)]
+    >>> row_ranges(5, 40, 100), row_ranges(5, 40, 100, multiple=4)
+    ([(0, 2), (2, 4), (4, 5)], [(0, 4), (4, 5)])
     """
     step = max(1, chunk_bytes // max(row_bytes, 1))
+    step = max(multiple, step - step % multiple)
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]

@@ -169,12 +169,12 @@ class TensorChunks:
     job planned it; later passes read again, except for a tensor of one chunk, which is
     kept (it is no larger than one chunk, the memory bound anyway)."""
 
-    def __init__(self, stream: ShardStream, entry: TensorEntry,
-                 row_shape: tuple[int, int]) -> None:
+    def __init__(self, stream: ShardStream, entry: TensorEntry, row_shape: tuple[int, int],
+                 multiple: int = 1) -> None:
         self.entry = entry
         self.path = stream.reader.path
         self.row_shape = row_shape
-        self.ranges = stream.row_ranges(entry, row_shape)
+        self.ranges = stream.row_ranges(entry, row_shape, multiple)
         self._stream = stream
         self._kept: np.ndarray | None = None
 
@@ -200,13 +200,13 @@ class ShardStream:
     when a ``hasher`` is given.
 
     ``layout`` lists the tensors the job will read, in file order, each with the 2-D row
-    view it reads them in (None: raw bytes).
+    view it reads them in (None: raw bytes) and the multiple of rows its chunks hold.
     """
 
     def __init__(
         self,
         reader: SafetensorsReader,
-        layout: Sequence[tuple[TensorEntry, tuple[int, int] | None]],
+        layout: Sequence[tuple[TensorEntry, tuple[int, int] | None, int]],
         chunk_bytes: int,
         hasher: StreamHasher | None = None,
     ) -> None:
@@ -214,7 +214,7 @@ class ShardStream:
         self.chunk_bytes = chunk_bytes
         self._hasher = hasher
         plan: list[tuple[Hashable, Callable[[], np.ndarray]]] = []
-        for entry, row_shape in layout:
+        for entry, row_shape, multiple in layout:
             if row_shape is None:
                 plan += [((entry.name, "bytes", start),
                           self._bytes_reader(entry, start, stop))
@@ -222,16 +222,18 @@ class ShardStream:
             else:
                 plan += [((entry.name, row_shape, start),
                           self._rows_reader(entry, row_shape, start, stop))
-                         for start, stop in self.row_ranges(entry, row_shape)]
+                         for start, stop in self.row_ranges(entry, row_shape, multiple)]
         self._reads: ReadAhead[np.ndarray] = ReadAhead(plan)
 
-    def row_ranges(self, entry: TensorEntry, row_shape: tuple[int, int]) -> list[tuple[int, int]]:
+    def row_ranges(self, entry: TensorEntry, row_shape: tuple[int, int],
+                   multiple: int = 1) -> list[tuple[int, int]]:
         return row_ranges(row_shape[0], row_shape[1] * self.reader.itemsize(entry),
-                          self.chunk_bytes)
+                          self.chunk_bytes, multiple)
 
-    def rows(self, entry: TensorEntry, row_shape: tuple[int, int]) -> TensorChunks:
+    def rows(self, entry: TensorEntry, row_shape: tuple[int, int],
+             multiple: int = 1) -> TensorChunks:
         """The tensor's row chunks, as often as they are iterated."""
-        return TensorChunks(self, entry, row_shape)
+        return TensorChunks(self, entry, row_shape, multiple)
 
     def pieces(self, entry: TensorEntry) -> Iterator[np.ndarray]:
         """The tensor's raw bytes, in pieces of at most ``chunk_bytes``."""
