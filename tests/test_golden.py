@@ -22,6 +22,10 @@ VALUES = np.array([[1.6, -0.7, -3.4, 1.7, -2.9, 0.5, 2.3, 6.2],
 CASES = {
     "absmax-block4": ["--method", "absmax", "--block", "4"],
     "affine-channel": ["--method", "affine", "--per-channel"],
+    # Format version 2: packed 4-bit codes (searched scales), and FP8.
+    "int4-absmax-block4": ["--method", "absmax", "--bits", "4", "--block", "4"],
+    "int4-affine-channel": ["--method", "affine", "--bits", "4", "--per-channel"],
+    "fp8-channel": ["--method", "fp8", "--per-channel"],
 }
 
 
@@ -40,7 +44,7 @@ def test_golden_bytes(tmp_path: Path, case: str) -> None:
     result = CliRunner().invoke(qz, ["quantize", str(source), "-o", str(output), "-q",
                                      "--include", "w", *CASES[case]])
     assert result.exit_code == 0, result.output
-    golden = GOLDEN / f"tiny.{case}.int8.safetensors"
+    golden = GOLDEN / f"tiny.{case}{'' if case.startswith(('int4', 'fp8')) else '.int8'}.safetensors"
     if os.environ.get("QZ_REGENERATE_GOLDEN"):
         golden.write_bytes(output.read_bytes())
     assert output.read_bytes() == golden.read_bytes()

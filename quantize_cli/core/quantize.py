@@ -434,7 +434,8 @@ def dequantize(
     shape = quantized.shape
     rows, _ = row_shape = scheme.row_view_shape(shape)
     groups = 1 if scheme.granularity == "tensor" else scheme.groups_per_row(row_shape[1])
-    scale_rows = (1, 1) if scheme.granularity == "tensor" else (rows, groups)
+    scale_rows = ((1, 1) if scheme.granularity == "tensor" else
+                  quantized.scale.shape if scheme.tiles else (rows, groups))
     zero_point = quantized.zero_point
     values = dequantize_rows(
         quantized.codes.reshape(row_shape),

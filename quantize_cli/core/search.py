@@ -39,6 +39,7 @@ from .threads import scratch
 SYMMETRIC_STEPS = (8.5,)
 #: Starting points of the affine search: the range as a fraction of the full one.
 AFFINE_SHRINK = 0.9
+_TINY = np.float32(np.finfo(np.float32).tiny)
 #: Least-squares refits of each fractional-zero-point start.
 REFITS = 1
 
@@ -124,8 +125,10 @@ def _total(values: np.ndarray) -> np.ndarray:
 
 
 def _stored(scale: np.ndarray, storage: Storage) -> np.ndarray:
-    """A scale as the format will hold it (nearest), as float32."""
+    """A scale as the format will hold it (nearest), as float32; a non-zero scale is at
+    least float32's smallest normal number, as plain rounding's is (params.py)."""
     scale = np.nan_to_num(scale.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    scale = np.where((scale != 0) & (np.abs(scale) < _TINY), np.copysign(_TINY, scale), scale)
     if storage.scale_dtype == np.float32:
         return scale
     return scale.astype(storage.scale_dtype).astype(np.float32)
@@ -146,15 +149,19 @@ def _codes(values: np.ndarray, scale: np.ndarray, shift: np.ndarray | float,
 
 
 class _Best:
-    """The candidate of smallest error so far, per group."""
+    """The candidate of smallest error so far, per group. A later candidate must beat the
+    best by more than the rounding of the sums (a millionth of the group's energy), so
+    that plain rounding, offered first, keeps every tie."""
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
+    def __init__(self, sums: _Sums) -> None:
+        shape = sums.xx.shape
+        self.margin = sums.xx * 1e-6
         self.error = np.full(shape, np.inf)
         self.scale = np.zeros(shape, dtype=np.float32)
         self.zero_point = np.zeros(shape, dtype=np.float32)
 
     def offer(self, error: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> None:
-        better = error < self.error  # strictly: on ties the earlier (plain rounding) stays
+        better = error < self.error - self.margin
         self.error = np.where(better, error, self.error)
         self.scale = np.where(better, scale, self.scale)
         self.zero_point = np.where(better, zero_point, self.zero_point)
@@ -171,12 +178,12 @@ def _symmetric(values: np.ndarray, low: np.ndarray, high: np.ndarray, scheme: Sc
     lowest, highest = scheme.code_range
     magnitude = np.maximum(-low, high)
     zero = np.zeros(magnitude.shape, dtype=np.float32)
-    best = _Best(magnitude.shape)
+    best = _Best(sums)
     plain = round_scale_up(absmax_scale(magnitude, scheme.bits, storage.divisor),
                            storage.scale_dtype)
     extreme = np.where(-low > high, low, high)  # signed: the value of largest magnitude
-    starts = [plain] + [(-extreme if storage.negative_scales else magnitude) / np.float32(c)
-                        for c in SYMMETRIC_STEPS]
+    starts = [plain] + [_stored((-extreme if storage.negative_scales else magnitude)
+                                / np.float32(c), storage) for c in SYMMETRIC_STEPS]
     for number, start in enumerate(starts):
         codes = _codes(values, start, 0.0, lowest, highest)
         code_sums = sums.of_codes(codes, symmetric=True)
@@ -192,7 +199,7 @@ def _symmetric(values: np.ndarray, low: np.ndarray, high: np.ndarray, scheme: Sc
 def _affine_integer(values: np.ndarray, low: np.ndarray, high: np.ndarray, scheme: Scheme,
                     storage: Storage, sums: _Sums) -> tuple[np.ndarray, np.ndarray]:
     lowest, highest = scheme.code_range
-    best = _Best(low.shape)
+    best = _Best(sums)
     for shrink in (1.0, AFFINE_SHRINK):
         scale, zero_point = affine_qparams((low * shrink).astype(np.float32),
                                            (high * shrink).astype(np.float32), scheme.bits)
@@ -219,7 +226,7 @@ def _affine_integer(values: np.ndarray, low: np.ndarray, high: np.ndarray, schem
 def _affine_float(values: np.ndarray, low: np.ndarray, high: np.ndarray, scheme: Scheme,
                   storage: Storage, sums: _Sums) -> tuple[np.ndarray, np.ndarray]:
     lowest, highest = scheme.code_range
-    best = _Best(low.shape)
+    best = _Best(sums)
     plain_scale, plain_zero = affine_qparams(low.astype(np.float32), high.astype(np.float32),
                                              scheme.bits)
     plain_scale = round_scale_up(plain_scale, storage.scale_dtype)
