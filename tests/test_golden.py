@@ -44,7 +44,8 @@ def test_golden_bytes(tmp_path: Path, case: str) -> None:
     result = CliRunner().invoke(qz, ["quantize", str(source), "-o", str(output), "-q",
                                      "--include", "w", *CASES[case]])
     assert result.exit_code == 0, result.output
-    golden = GOLDEN / f"tiny.{case}{'' if case.startswith(('int4', 'fp8')) else '.int8'}.safetensors"
+    precision = "" if case.startswith(("int4", "fp8")) else ".int8"
+    golden = GOLDEN / f"tiny.{case}{precision}.safetensors"
     if os.environ.get("QZ_REGENERATE_GOLDEN"):
         golden.write_bytes(output.read_bytes())
     assert output.read_bytes() == golden.read_bytes()

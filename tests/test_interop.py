@@ -270,6 +270,20 @@ def test_mlx_lm_loads_the_export_and_generates(tmp_path: Path) -> None:
     assert isinstance(text, str)
 
 
+def test_mlx_lm_loads_mixed_schemes(tmp_path: Path) -> None:
+    mlx_lm = pytest.importorskip("mlx_lm")
+    source = llama_folder(tmp_path / "llama", tied=True, with_tokenizer=True)
+    exported = tmp_path / "llama.mlx"
+    qz("quantize", str(source), "--format", "mlx", "--bits", "4", "-o", str(exported), "-q",
+       "--rule", "*.down_proj.weight=int8,block32", "--rule", "*.q_proj.weight=keep")
+    model, tokenizer = mlx_lm.load(str(exported))
+    layer = model.model.layers[0]
+    assert (layer.mlp.down_proj.bits, layer.mlp.down_proj.group_size) == (8, 32)
+    assert (layer.mlp.up_proj.bits, layer.mlp.up_proj.group_size) == (4, 64)
+    assert type(layer.self_attn.q_proj).__name__ == "Linear"
+    assert isinstance(mlx_lm.generate(model, tokenizer, prompt="w5 w6", max_tokens=2), str)
+
+
 # -------------------------------------------------------------- sentence-transformers
 
 

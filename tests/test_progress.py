@@ -45,24 +45,39 @@ def test_progress_bar_on_a_terminal_only(small_model: Path) -> None:
     assert code == 0 and stdout == "" and drawn == b""
 
 
+class Recorder:
+    """Records each phase's announced total and the bytes reported done."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, list[int]] = {}
+        self.current = ""
+        self.tensors: list[str] = []
+
+    def start(self, total_bytes: int, phase: str) -> None:
+        self.current = phase
+        self.phases[phase] = [total_bytes, 0]
+
+    def advance(self, nbytes: int, tensor: str) -> None:
+        self.phases[self.current][1] += nbytes
+        self.tensors.append(tensor)
+
+
 def test_progress_reports_every_byte(small_model: Path, tmp_path: Path) -> None:
-    class Recorder:
-        def __init__(self) -> None:
-            self.total = 0
-            self.done = 0
-            self.tensors: list[str] = []
-
-        def start(self, total_bytes: int) -> None:
-            self.total = total_bytes
-
-        def advance(self, nbytes: int, tensor: str) -> None:
-            self.done += nbytes
-            self.tensors.append(tensor)
-
     recorder = Recorder()
     quantize_checkpoint(small_model, tmp_path / "out.safetensors", progress=recorder,
                         chunk_bytes=512)
     data_bytes = 8 * 160 * 2 + 16 * 128 * 2 + 32 * 64 * 4 + 160 * 2 + 8 * 8
-    assert recorder.total == recorder.done == data_bytes
+    assert recorder.phases == {"quantizing": [data_bytes, data_bytes]}
     assert set(recorder.tensors) == {"a.weight", "b.weight", "c.weight", "norm.weight",
                                      "position_ids"}
+
+
+@pytest.mark.parametrize("target", [{"target_sqnr": 30.0}, {"target_bits": 6.0}])
+def test_measuring_for_a_target_is_a_phase_of_its_own(small_model: Path, tmp_path: Path,
+                                                      target: dict[str, float]) -> None:
+    recorder = Recorder()
+    quantize_checkpoint(small_model, tmp_path / "out.safetensors", progress=recorder,
+                        chunk_bytes=512, **target)  # type: ignore[arg-type]
+    assert list(recorder.phases) == ["measuring", "quantizing"]
+    for total, done in recorder.phases.values():
+        assert total == done > 0

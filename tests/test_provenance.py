@@ -18,6 +18,9 @@ from quantize_cli.cli.main import qz
     ["--per-tensor"],
     ["--per-channel", "--exclude", "b.*"],
     ["--target-sqnr", "30"],
+    ["--bits", "4", "--method", "affine", "--per-channel"],
+    ["--rule", "a.*=int4,block32", "--rule", "c.*=keep"],
+    ["--target-bits", "6"],
 ])
 def test_record_recreates_the_file(small_model: Path, tmp_path: Path,
                                    options: list[str]) -> None:

@@ -86,8 +86,10 @@ class _BarProgress:
         self.bar = bar
         self.task: TaskID | None = None
 
-    def start(self, total_bytes: int) -> None:
-        self.task = self.bar.add_task("reading", total=total_bytes, tensor="")
+    def start(self, total_bytes: int, phase: str) -> None:
+        if self.task is not None:  # one bar at a time: the finished phase goes
+            self.bar.remove_task(self.task)
+        self.task = self.bar.add_task(phase, total=total_bytes, tensor="")
 
     def advance(self, nbytes: int, tensor: str) -> None:
         assert self.task is not None
@@ -103,6 +105,7 @@ class _progress_for:
         self.bar: Progress | None = None
         if self.enabled:
             self.bar = Progress(
+                TextColumn("{task.description}"),
                 TextColumn("{task.fields[tensor]}", markup=False),
                 BarColumn(),
                 DownloadColumn(),
@@ -170,6 +173,17 @@ def qz() -> None:
               help="Give each tensor the cheapest scheme (per tensor, per channel, block "
                    "128, 64, 32) whose SQNR reaches DB; tensors that cannot stay as they "
                    "are. Measures every candidate, so it reads the data more than once.")
+@click.option("--target-bits", type=float, metavar="B",
+              help="Give each tensor the scheme (4 or 8 bits, any granularity the format "
+                   "stores, or its own dtype) so that the total squared error is least and "
+                   "the selected tensors average at most B bits per weight, scales "
+                   "included; with --target-sqnr, every tensor also reaches DB. Measures "
+                   "every candidate.")
+@click.option("--rule", "rules", multiple=True, metavar="GLOB=SCHEME",
+              help="Quantize the selected tensors whose names match GLOB with SCHEME: "
+                   "'keep', or comma-separated changes to the scheme: int4/int8, "
+                   "absmax/affine/fp8, tensor/channel/blockN (e.g. '*.down_proj.*=int8'). "
+                   "Repeatable; the last matching rule wins.")
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Quantize exactly the float tensors whose names match (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB",
@@ -203,6 +217,8 @@ def quantize(
     per_tensor: bool,
     clip: str,
     target_sqnr: float | None,
+    target_bits: float | None,
+    rules: tuple[str, ...],
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     dry_run: bool,
@@ -232,15 +248,20 @@ def quantize(
                                         ("--per-tensor", per_tensor)) if given]
     if len(chosen) > 1:
         raise click.UsageError(f"choose one granularity, not {' and '.join(chosen)}")
-    if chosen and target_sqnr is not None:
-        raise click.UsageError(f"--target-sqnr chooses the granularity itself; drop {chosen[0]}")
+    targets = [name for name, given in (("--target-sqnr", target_sqnr is not None),
+                                        ("--target-bits", target_bits is not None)) if given]
+    if chosen and targets:
+        raise click.UsageError(f"{targets[0]} chooses the granularity itself; drop {chosen[0]}")
+    if target_bits is not None and bits != "8":
+        raise click.UsageError("--target-bits chooses the bits itself; drop --bits")
     granularity = "channel" if per_channel else "tensor" if per_tensor else None
     scheme = FORMATS[format_name].scheme(method, granularity, block_size, clip, int(bits))
     with _progress_for(quiet or dry_run) as progress:
         report = quantize_checkpoint(
             input_path, output, scheme, include=include, exclude=exclude, force=force,
             dry_run=dry_run, error_stats=not no_stats, target_sqnr=target_sqnr,
-            format=format_name, tensor_parallel=tensor_parallel, hash_source=not no_hash,
+            target_bits=target_bits, rules=rules, format=format_name,
+            tensor_parallel=tensor_parallel, hash_source=not no_hash,
             progress=progress,
         )
     document = render.quantize_json(report)

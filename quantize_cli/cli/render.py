@@ -159,6 +159,14 @@ def quantize_summary(report: QuantizeReport) -> Group:
              f"({report.compression_ratio:.2f}× smaller, "
              f"{report.bits_per_weight:.2f} bits per weight)"),
     ]
+    schemes = report.schemes
+    if len(schemes) > 1 or report.target_bits is not None:
+        lines.append(Text("Schemes: " + ", ".join(f"{label} ({count})"
+                                                  for label, count in schemes)))
+        target = ("" if report.target_bits is None
+                  else f" (target {report.target_bits:g})")
+        lines.append(Text(f"Selected tensors: {report.selected_bits_per_weight:.3f} bits per "
+                          f"weight{target}"))
     measured = any(t.stats is not None for t in report.quantized)
     if not report.dry_run and measured:
         pooled = report.pooled_stats
@@ -213,6 +221,7 @@ def _tensor_json(tensor: TensorReport) -> dict[str, Any]:
         "output_bytes": tensor.output_bytes,
         "bits_per_weight": tensor.bits_per_weight,
         "shard": tensor.shard,
+        "selected": tensor.selected,
         "stats": stats_json(tensor.stats),
     }
 
@@ -237,6 +246,9 @@ def quantize_json(report: QuantizeReport) -> dict[str, Any]:
             "output_bytes": report.output_bytes,
             "compression_ratio": _json_number(report.compression_ratio),
             "bits_per_weight": report.bits_per_weight,
+            "selected_bits_per_weight": report.selected_bits_per_weight,
+            "target_bits": report.target_bits,
+            "schemes": dict(report.schemes),
             "pooled": stats_json(pooled),
             "worst": [t.name for t in report.worst()] if not report.dry_run else [],
         },

@@ -108,6 +108,28 @@ class Scheme:
             # Normalise so that equal schemes compare equal whatever was passed.
             object.__setattr__(self, "block_size", None)
 
+    def varied(self, method: Method | None = None, granularity: Granularity | None = None,
+               block_size: int | None = None, bits: int | None = None) -> Scheme:
+        """This scheme with some choices changed (by ``--rule`` or by a target). The clip
+        follows: a clip that was chosen by "auto" is chosen again for the new scheme, and
+        an explicit one is kept where it applies.
+
+        >>> Scheme().varied(bits=4)
+        Scheme(method='absmax', granularity='block', block_size=128, clip='mse', bits=4)
+        >>> Scheme(clip="mse").varied(granularity="channel").clip
+        'mse'
+        """
+        method = method or self.method
+        granularity = granularity or ("block" if block_size else self.granularity)
+        if granularity == "block":
+            block_size = block_size or self.block_size or Scheme().block_size
+        bits = 8 if method == "fp8" else bits or self.bits
+        clip: ClipChoice = "auto" if self.clip == _auto_clip(self) else self.clip
+        try:
+            return Scheme(method, granularity, block_size, clip, bits)
+        except SchemeError:  # the explicit clip does not apply to the new scheme
+            return Scheme(method, granularity, block_size, "auto", bits)
+
     @property
     def symmetric(self) -> bool:
         return self.method != "affine"

@@ -62,7 +62,7 @@ def dequantize_checkpoint(
             f"qz reads ({', '.join(FORMATS)})"))
     tensors: list[DequantizedTensor] = []
     output_bytes = 0
-    progress.start(checkpoint.data_bytes)
+    progress.start(checkpoint.data_bytes, "dequantizing")
     with outputs.Destination(output_plan, checkpoint, force) as destination:
         shard_tensors = {}
         for shard in checkpoint.shards:

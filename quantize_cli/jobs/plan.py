@@ -18,6 +18,7 @@ from ..formats import Codec, Deployment, QuantizedWeight, StoredTensor
 from ..storage.dtypes import DTYPE_BITS, FLOAT_DTYPES
 from ..storage.header import Header, TensorEntry
 from ..storage.writer import PlannedTensor
+from .rules import Rule, rule_for
 
 #: Tensors smaller than this stay in their dtype by default (DESIGN §3): the scale and
 #: zero point would eat most of the saving, and such tensors are usually sensitive.
@@ -35,6 +36,8 @@ class TensorPlan:
     scheme: Scheme | None
     reason: str
     outputs: tuple[PlannedTensor, ...]
+    selected: bool = False  # chosen by the selection rules (before --rule and the format)
+    rule: str | None = None  # the --rule that decided it
 
     @property
     def name(self) -> str:
@@ -102,8 +105,9 @@ def select(
 
 def plan_tensor(entry: TensorEntry, scheme: Scheme, codec: Codec,
                 include: Sequence[str] = (), exclude: Sequence[str] = (),
-                deployment: Deployment = ONE_GPU) -> TensorPlan:
-    """Decide one tensor: the selection rules, then what the format can store.
+                deployment: Deployment = ONE_GPU, rules: Sequence[Rule] = ()) -> TensorPlan:
+    """Decide one tensor: the selection rules, the ``--rule`` that matches its name (the
+    last), then what the format can store.
 
     >>> from quantize_cli.formats import codec_for
     >>> plan = plan_tensor(TensorEntry("w", "F32", (64, 128), 0, 32768), Scheme(),
@@ -111,24 +115,31 @@ def plan_tensor(entry: TensorEntry, scheme: Scheme, codec: Codec,
     >>> [tensor.name for tensor in plan.outputs], plan.output_bytes
     (['w', 'w_scale'], 8448)
     """
-    chosen, reason = select(entry, include, exclude)
+    selected, reason = select(entry, include, exclude)
+    chosen = selected
+    rule = rule_for(entry.name, rules) if selected else None
+    if rule is not None:
+        chosen, reason = rule.scheme is not None, f"--rule {rule.text}"
+        scheme = rule.scheme or scheme
     if chosen:
         kept = codec.keep_reason(entry, scheme, deployment)
         if kept is not None:
             chosen, reason = False, kept
     chosen_scheme = scheme if chosen else None
-    return TensorPlan(entry, chosen_scheme, reason, _outputs(entry, chosen_scheme, codec))
+    return TensorPlan(entry, chosen_scheme, reason, _outputs(entry, chosen_scheme, codec),
+                      selected, rule.text if rule else None)
 
 
 def plan_shard(header: Header, path: str | Path, scheme: Scheme, codec: Codec,
                include: Sequence[str] = (), exclude: Sequence[str] = (),
-               deployment: Deployment = ONE_GPU) -> list[TensorPlan]:
+               deployment: Deployment = ONE_GPU, rules: Sequence[Rule] = ()
+               ) -> list[TensorPlan]:
     """Decide every tensor of a file, and refuse output names that would collide.
 
     Raises:
         InputError: a name the format would write for a quantized tensor already exists.
     """
-    plans = [plan_tensor(entry, scheme, codec, include, exclude, deployment)
+    plans = [plan_tensor(entry, scheme, codec, include, exclude, deployment, rules)
              for entry in header.tensors]
     check_collisions(plans, header, path)
     return plans
@@ -145,3 +156,35 @@ def check_collisions(plans: Sequence[TensorPlan], header: Header, path: str | Pa
                             f"{stored.role.replace('_', ' ')} of {plan.name!r}"),
                     hint=f"leave {plan.name!r} as it is with --exclude",
                 )
+
+
+def check_patterns(source: Path, plans: Sequence[TensorPlan], include: Sequence[str],
+                   exclude: Sequence[str], rules: Sequence[Rule]) -> None:
+    """Refuse a pattern that does nothing, which is almost always a typo: an --include or
+    --exclude that matches no tensor name, a --rule that decides no tensor.
+
+    Raises:
+        InputError: naming the pattern, and what it matched if anything.
+    """
+    names = [plan.name for plan in plans]
+    hint = ("patterns are globs matched against whole tensor names ('*' matches dots "
+            "too); qz inspect lists the names")
+    for option, patterns in (("--include", include), ("--exclude", exclude)):
+        for pattern in patterns:
+            if not any(fnmatchcase(name, pattern) for name in names):
+                raise InputError(located(source, None, f"{option} {pattern!r} matches no "
+                                         "tensor"), hint=hint)
+    for rule in rules:
+        if any(plan.rule == rule.text for plan in plans):
+            continue
+        matched = [plan for plan in plans if rule.matches(plan.name)]
+        rule_hint = hint
+        if not matched:
+            why = "matches no tensor"
+        elif any(plan.selected for plan in matched):
+            why = "is overridden by later rules for every tensor it matches"
+        else:
+            why = (f"matches only tensors qz does not quantize ({matched[0].name}: "
+                   f"{matched[0].reason})")
+            rule_hint = "rules change how selected tensors are quantized; --include selects"
+        raise InputError(located(source, None, f"--rule {rule.text!r} {why}"), hint=rule_hint)

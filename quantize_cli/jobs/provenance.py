@@ -26,12 +26,16 @@ ROUNDING = ("round half to even (numpy.rint) of x / s (+ z) in float32, clipped 
 PENDING_HASH = "0" * 64
 
 
-def provenance(source_file: str, sha256: str | None, options: dict[str, Any]) -> dict[str, str]:
+def provenance(source_file: str, sha256: str | None, options: dict[str, Any],
+               command: str) -> dict[str, str]:
     """The metadata keys that say how an output was made: the qz version, the source
-    file and its hash, the options, the command and the rounding rule.
+    file and its hash, the options, the command that re-creates the whole output (for a
+    shard: the folder's) and the rounding rule.
 
-    >>> provenance("m.safetensors", None, {"method": "absmax", "granularity": "channel",
-    ...            "block": None, "clip": "none"})["qz.command"]
+    >>> options = {"method": "absmax", "granularity": "channel", "block": None,
+    ...            "clip": "none"}
+    >>> provenance("m.safetensors", None, options,
+    ...            command_line("m.safetensors", options))["qz.command"]
     'qz quantize m.safetensors --method absmax --per-channel --clip none'
     """
     return {
@@ -39,27 +43,35 @@ def provenance(source_file: str, sha256: str | None, options: dict[str, Any]) ->
         KEY_SOURCE: json.dumps({"file": source_file, "sha256": sha256},
                                separators=(",", ":"), sort_keys=True),
         KEY_OPTIONS: json.dumps(options, separators=(",", ":"), sort_keys=True),
-        KEY_COMMAND: command_line(source_file, options),
+        KEY_COMMAND: command,
         KEY_ROUNDING: ROUNDING,
     }
 
 
 def command_line(source: str, options: dict[str, Any]) -> str:
-    """The ``qz quantize`` command that re-creates the output from ``source``."""
+    """The ``qz quantize`` command that re-creates the output from ``source`` (the file,
+    index or folder given as input)."""
     parts = ["qz", "quantize", source, "--method", options["method"]]
-    if options.get("target_sqnr") is None:
+    if options.get("bits", 8) != 8:
+        parts += ["--bits", str(options["bits"])]
+    targets = [(flag, options.get(key)) for flag, key in (
+        ("--target-sqnr", "target_sqnr"), ("--target-bits", "target_bits"))]
+    if all(value is None for _, value in targets):
         granularity = options["granularity"]
         parts += (["--block", str(options["block"])] if granularity == "block"
                   else ["--per-channel"] if granularity == "channel" else ["--per-tensor"])
-    else:
-        parts += ["--target-sqnr", f"{options['target_sqnr']:g}"]
+    for flag, value in targets:
+        if value is not None:
+            parts += [flag, f"{value:g}"]
     parts += ["--clip", options["clip"]]
-    for pattern in options.get("include", []):
-        parts += ["--include", pattern]
-    for pattern in options.get("exclude", []):
-        parts += ["--exclude", pattern]
+    for option, key in (("--include", "include"), ("--exclude", "exclude"),
+                        ("--rule", "rules")):
+        for pattern in options.get(key, []):
+            parts += [option, pattern]
     if options.get("format", DEFAULT_FORMAT) != DEFAULT_FORMAT:
         parts += ["--format", options["format"]]
+    if options.get("tensor_parallel", 1) != 1:
+        parts += ["--tensor-parallel", str(options["tensor_parallel"])]
     if options.get("hash") is False:
         parts.append("--no-hash")
     return " ".join(shlex.quote(part) for part in parts)

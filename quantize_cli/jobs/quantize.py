@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.quantize import RowResult
-from ..core.scheme import Scheme
+from ..core.scheme import BITS, Scheme
 from ..core.stats import ErrorStats
 from ..errors import InputError, InternalCheckError, SchemeError, located
 from ..formats import DEFAULT_FORMAT, FORMATS, Codec, Deployment, codec_for, detect
@@ -22,10 +22,11 @@ from ..storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader
 from ..storage.stream import ShardStream, StreamHasher, TensorChunks
 from ..storage.writer import SafetensorsWriter
 from . import outputs
-from .plan import TensorPlan, plan_shard
-from .provenance import PENDING_HASH, provenance
+from .plan import TensorPlan, check_patterns, plan_shard
+from .provenance import PENDING_HASH, command_line, provenance
 from .reports import NoProgress, Progress, QuantizeReport, TensorReport
-from .target import choose_for_target
+from .rules import Rule, parse_rules
+from .target import candidate_schemes, choose_for_bits, choose_for_sqnr, measure
 from .tensor import quantized_chunks
 
 
@@ -41,6 +42,8 @@ def quantize_checkpoint(
     dry_run: bool = False,
     error_stats: bool = True,
     target_sqnr: float | None = None,
+    target_bits: float | None = None,
+    rules: Sequence[str] = (),
     tensor_parallel: int = 1,
     hash_source: bool = True,
     progress: Progress | None = None,
@@ -51,12 +54,15 @@ def quantize_checkpoint(
     A model folder gives a complete model folder beside it (outputs.py says what it
     holds); a loose file gives a file. ``scheme`` defaults to the format's own default.
     ``error_stats=False`` skips measuring the error (the report then has no statistics);
-    the written bytes are the same. ``target_sqnr`` gives each tensor the cheapest scheme
-    of the ladder in target.py (with ``scheme``'s method) whose SQNR reaches it, or
-    leaves the tensor in its dtype; this measures the candidates first, so it reads the
-    data even in a dry run. ``tensor_parallel`` applies the shape rules of formats that
-    vLLM runs split over that many GPUs. ``hash_source=False`` records no SHA-256 of the
-    input.
+    the written bytes are the same. ``rules`` are ``GLOB=SCHEME`` overrides (rules.py),
+    the last match winning. ``target_sqnr`` gives each tensor the cheapest scheme of the
+    ladder in target.py (with ``scheme``'s method and bits) whose SQNR reaches it, or
+    leaves the tensor in its dtype; ``target_bits`` chooses among 4 and 8 bits and every
+    granularity the schemes of least total squared error within that average of bits per
+    weight (with ``target_sqnr``: among those that reach it). Targets measure the
+    candidates first, so they read the data even in a dry run. ``tensor_parallel``
+    applies the shape rules of formats that vLLM runs split over that many GPUs.
+    ``hash_source=False`` records no SHA-256 of the input.
 
     >>> report = quantize_checkpoint("model.safetensors", scheme=Scheme("affine"))  # doctest: +SKIP
     >>> report.output, report.pooled_stats.sqnr_db                                 # doctest: +SKIP
@@ -71,9 +77,11 @@ def quantize_checkpoint(
     scheme = scheme or codec.default_scheme
     progress = progress or NoProgress()
     codec.check_scheme(scheme)
-    if target_sqnr is not None and not codec.mixed_schemes:
-        raise SchemeError(f"--target-sqnr cannot be combined with the {codec.name} format, "
-                          "which has one scheme for all layers")
+    parsed_rules = parse_rules(rules, scheme)
+    for rule in parsed_rules:
+        if rule.scheme is not None:
+            codec.check_scheme(rule.scheme)
+    _check_targets(codec, target_sqnr, target_bits, parsed_rules)
     if tensor_parallel != 1 and not codec.tensor_parallel:
         served = ", ".join(name for name, other in FORMATS.items() if other.tensor_parallel)
         raise SchemeError(f"--tensor-parallel applies to the formats vLLM runs ({served}), "
@@ -85,20 +93,33 @@ def quantize_checkpoint(
     config = outputs.model_config(checkpoint)
     deployment = Deployment(tensor_parallel, config)
     plans = {shard.path.name: plan_shard(shard.header, shard.path, scheme, codec, include,
-                                         exclude, deployment)
+                                         exclude, deployment, parsed_rules)
              for shard in checkpoint.shards}
-    if target_sqnr is not None:
-        plans = choose_for_target(checkpoint, plans, scheme.method, target_sqnr, codec,
-                                  chunk_bytes)
+    check_patterns(checkpoint.source, [plan for shard_plans in plans.values()
+                                       for plan in shard_plans], include, exclude, parsed_rules)
+    if target_sqnr is not None or target_bits is not None:
+        schemes = candidate_schemes(scheme, codec, BITS if target_bits else (scheme.bits,))
+        candidates = measure(checkpoint, plans, schemes, codec, deployment, chunk_bytes,
+                             progress, target_sqnr if target_bits is None else None)
+        if target_bits is not None:
+            plans = choose_for_bits(checkpoint, plans, candidates, target_bits, target_sqnr,
+                                    codec)
+        elif target_sqnr is not None:
+            plans = choose_for_sqnr(plans, candidates, target_sqnr, codec)
     _refuse_nothing_to_do(checkpoint, plans, target_sqnr)
     options: dict[str, Any] = {
         "method": scheme.method, "granularity": scheme.granularity,
         "block": scheme.block_size, "clip": scheme.clip, "include": list(include),
         "exclude": list(exclude), "target_sqnr": target_sqnr, "format": codec.name}
-    if tensor_parallel != 1:
-        options["tensor_parallel"] = tensor_parallel
-    if not hash_source:
-        options["hash"] = False
+    # Options added since qz 1.0 are recorded when used, so that an INT8 file made
+    # without them is byte for byte what qz 1.0 wrote.
+    for key, value, default in (("bits", scheme.bits, 8), ("rules", list(rules), []),
+                                ("target_bits", target_bits, None),
+                                ("tensor_parallel", tensor_parallel, 1),
+                                ("hash", hash_source, True)):
+        if value != default:
+            options[key] = value
+    command = command_line(checkpoint.source.name, options)
     notes: tuple[str, ...] = ()
     if output_plan.folder and codec.folder_output and config is None:
         notes = (f"no config.json beside the input, so the output has none: loaders need "
@@ -109,23 +130,24 @@ def quantize_checkpoint(
             name=plan.name, dtype=plan.entry.dtype, shape=plan.entry.shape,
             scheme=plan.scheme, reason=plan.reason, input_bytes=plan.entry.nbytes,
             output_bytes=plan.output_bytes, stats=stats.get(plan.name),
-            shard=shard.path.name if checkpoint.sharded else None,
+            shard=shard.path.name if checkpoint.sharded else None, selected=plan.selected,
         ) for plan in plans[shard.path.name]]
 
     def report(tensors: list[TensorReport]) -> QuantizeReport:
         return QuantizeReport(checkpoint.source, output_plan.path, scheme, codec.name,
                               sorted(tensors, key=lambda tensor: tensor.name), dry_run,
-                              outputs.folder_report(output_plan, notes))
+                              outputs.folder_report(output_plan, notes), target_bits)
 
     if dry_run:
         return report([t for shard in checkpoint.shards for t in report_for(shard, {})])
 
     tensors: list[TensorReport] = []
-    progress.start(checkpoint.data_bytes)
+    progress.start(checkpoint.data_bytes, "quantizing")
     with outputs.Destination(output_plan, checkpoint, force) as destination:
         for shard in checkpoint.shards:
             stats = _quantize_shard(shard, plans[shard.path.name], destination.path_for(shard),
-                                    codec, options, error_stats, progress, chunk_bytes)
+                                    codec, options, command, error_stats, progress,
+                                    chunk_bytes)
             tensors += report_for(shard, stats)
         if output_plan.folder:
             every = [plan for shard_plans in plans.values() for plan in shard_plans]
@@ -139,6 +161,25 @@ def quantize_checkpoint(
                                    [plan.entry for plan in every if not plan.quantized]))
         destination.publish()
     return report(tensors)
+
+
+def _check_targets(codec: Codec, target_sqnr: float | None, target_bits: float | None,
+                   rules: Sequence[Rule]) -> None:
+    """Refuse, before any work, targets and rules the format or the numbers rule out."""
+    mixing = [what for what, given in (
+        ("--target-sqnr", target_sqnr is not None), ("--target-bits", target_bits is not None),
+        ("a --rule with a scheme", any(rule.scheme is not None for rule in rules))) if given]
+    if mixing and not codec.mixed_schemes:
+        raise SchemeError(f"{mixing[0]} cannot be combined with the {codec.name} format, "
+                          "which has one scheme for all layers",
+                          hint="--rule GLOB=keep leaves layers in float; --format qz or mlx "
+                          "mix schemes")
+    if target_sqnr is not None and not target_sqnr > 0:
+        raise SchemeError(f"--target-sqnr must be a positive number of dB, got {target_sqnr:g}",
+                          hint="typical targets: 20 dB at 4 bits, 35-45 dB at 8 bits")
+    if target_bits is not None and not 0 < target_bits < 64:
+        raise SchemeError(f"--target-bits must be an average number of bits per weight, "
+                          f"got {target_bits:g}", hint="for example 4.5 or 6")
 
 
 def _refuse_quantized(checkpoint: Checkpoint) -> None:
@@ -178,6 +219,7 @@ def _quantize_shard(
     target: Path,
     codec: Codec,
     options: dict[str, Any],
+    command: str,
     error_stats: bool,
     progress: Progress,
     chunk_bytes: int,
@@ -189,7 +231,7 @@ def _quantize_shard(
     # The input's hash is taken from the data as it is read, and written into the header
     # at the end (a placeholder of the same length holds its place).
     metadata.update(provenance(shard.path.name, PENDING_HASH if hash_source else None,
-                               options))
+                               options, command))
     layout = [(plan.entry, plan.scheme.row_view_shape(plan.entry.shape), codec.row_multiple(
         plan.scheme)) if plan.scheme else (plan.entry, None, 1) for plan in plans]
     stats: dict[str, ErrorStats] = {}
@@ -215,7 +257,7 @@ def _quantize_shard(
                 stats[plan.name] = tensor_stats
         reader.check_unchanged()
         if hasher is not None:
-            metadata.update(provenance(shard.path.name, hasher.digest(), options))
+            metadata.update(provenance(shard.path.name, hasher.digest(), options, command))
             writer.replace_metadata(metadata)
         writer.publish()
     return stats

@@ -12,15 +12,16 @@ from ..core.stats import ErrorStats
 
 
 class Progress(Protocol):
-    """What the jobs report while they run (the CLI draws a progress bar from it)."""
+    """What the jobs report while they run (the CLI draws a progress bar from it): each
+    phase that reads tensor data starts with the bytes it will read, and advances."""
 
-    def start(self, total_bytes: int) -> None: ...
+    def start(self, total_bytes: int, phase: str) -> None: ...
 
     def advance(self, nbytes: int, tensor: str) -> None: ...
 
 
 class NoProgress:
-    def start(self, total_bytes: int) -> None:
+    def start(self, total_bytes: int, phase: str) -> None:
         pass
 
     def advance(self, nbytes: int, tensor: str) -> None:
@@ -49,6 +50,7 @@ class TensorReport(NamedTensor):
     output_bytes: int
     stats: ErrorStats | None = None  # None for copied tensors and in a dry run
     shard: str | None = None
+    selected: bool = False  # chosen for quantization by the selection rules (jobs/plan.py)
 
     @property
     def bits_per_weight(self) -> float:
@@ -75,6 +77,7 @@ class QuantizeReport:
     tensors: list[TensorReport]
     dry_run: bool = False
     folder: FolderReport | None = None  # None: the output is one file
+    target_bits: float | None = None
 
     @property
     def quantized(self) -> list[TensorReport]:
@@ -97,6 +100,25 @@ class QuantizeReport:
         """Output bits per element over the whole checkpoint (scales included)."""
         elements = sum(math.prod(t.shape) for t in self.tensors)
         return 8 * self.output_bytes / elements if elements else 0.0
+
+    @property
+    def selected_bits_per_weight(self) -> float:
+        """Output bits per element over the tensors selected for quantization, whether
+        they were quantized or kept (what --target-bits budgets)."""
+        selected = [t for t in self.tensors if t.selected]
+        elements = sum(math.prod(t.shape) for t in selected)
+        return 8 * sum(t.output_bytes for t in selected) / elements if elements else 0.0
+
+    @property
+    def schemes(self) -> list[tuple[str, int]]:
+        """How many tensors got each scheme (and "kept" for selected tensors left in their
+        dtype), most first: the allocation of rules and targets."""
+        counts: dict[str, int] = {}
+        for tensor in self.tensors:
+            if tensor.selected:
+                label = tensor.scheme.describe() if tensor.scheme else "kept"
+                counts[label] = counts.get(label, 0) + 1
+        return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
     @property
     def pooled_stats(self) -> ErrorStats:

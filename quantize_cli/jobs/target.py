@@ -1,69 +1,278 @@
-"""``--target-sqnr``: give each tensor the cheapest scheme whose measured SQNR reaches a
-target, or leave it in its dtype."""
+"""Schemes chosen by measurement: ``--target-sqnr`` (each tensor gets the cheapest scheme
+whose SQNR reaches a target) and ``--target-bits`` (the checkpoint gets the schemes of
+least total squared error within an average number of bits per weight).
+
+Both measure every candidate scheme of every tensor they decide (reading its data once
+per candidate; the page cache serves the repeats), writing nothing.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from ..core.scheme import Method, Scheme
+import numpy as np
+
+from ..core.scheme import Scheme
 from ..core.stats import ErrorStats
-from ..formats import Codec
+from ..errors import InputError, SchemeError, located
+from ..formats import Codec, Deployment
 from ..storage.checkpoint import Checkpoint
 from ..storage.reader import SafetensorsReader
 from ..storage.stream import ShardStream, TensorChunks
 from .plan import TensorPlan
+from .reports import Progress
 from .tensor import quantized_chunks
 
-#: The schemes --target-sqnr tries, from the smallest output to the largest.
+#: The granularities the targets try, from the fewest scales to the most.
 LADDER: tuple[tuple[str, int | None], ...] = (
     ("tensor", None), ("channel", None), ("block", 128), ("block", 64), ("block", 32))
 
 
-def choose_for_target(
-    checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]], method: Method,
-    target_db: float, codec: Codec, chunk_bytes: int,
-) -> dict[str, list[TensorPlan]]:
-    """The plans with each quantized tensor's scheme replaced by the cheapest one of
-    :data:`LADDER` that reaches ``target_db``; a tensor that reaches it with none is
-    copied. The reason lists what every candidate tried reached."""
-    chosen = {}
+@dataclass(frozen=True)
+class Candidate:
+    """One way to store a tensor and what it costs: ``scheme`` None keeps it as it is."""
+
+    scheme: Scheme | None
+    output_bytes: int
+    stats: ErrorStats  # of the round trip; empty (exact) when kept
+
+    @property
+    def label(self) -> str:
+        return "kept" if self.scheme is None else self.scheme.describe()
+
+
+def candidate_schemes(base: Scheme, codec: Codec, bit_widths: Sequence[int]) -> list[Scheme]:
+    """The schemes of :data:`LADDER` at each of ``bit_widths`` (``base``'s method) that
+    the format can store, cheapest first within each width.
+
+    >>> from quantize_cli.formats import codec_for
+    >>> [s.describe() for s in candidate_schemes(Scheme(), codec_for("mlx"), [4])]
+    ['int4 absmax block 128, mse clip', 'int4 absmax block 64, mse clip', \
+'int4 absmax block 32, mse clip']
+    """
+    schemes = []
+    for bits in bit_widths:
+        for granularity, block_size in LADDER:
+            scheme = base.varied(granularity=granularity,  # type: ignore[arg-type]
+                                 block_size=block_size, bits=bits)
+            try:
+                codec.check_scheme(scheme)
+            except SchemeError:
+                continue
+            if scheme not in schemes:
+                schemes.append(scheme)
+    return schemes
+
+
+def measure(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]], schemes: Sequence[Scheme],
+            codec: Codec, deployment: Deployment, chunk_bytes: int, progress: Progress,
+            enough_db: float | None = None) -> dict[str, list[Candidate]]:
+    """The candidates of every tensor of ``plans`` that qz selects and no ``--rule``
+    decides: keeping it in its dtype first, then each of ``schemes`` the format can store
+    for it, with the error each gives; with ``enough_db``, the schemes after the first
+    that reaches it are not measured. Every value read is counted in ``progress``."""
+    decided = {name: [plan for plan in shard_plans if _open(plan)]
+               for name, shard_plans in plans.items()}
+    progress.start(sum(plan.entry.nbytes for shard_plans in decided.values()
+                       for plan in shard_plans) * len(schemes), "measuring")
+    candidates = {}
     for shard in checkpoint.shards:
-        shard_plans = plans[shard.path.name]
-        measured = [plan for plan in shard_plans if plan.quantized]
-        # The first candidate's row view: the one read ahead.
-        first = Scheme(method, *LADDER[0])  # type: ignore[arg-type]
-        layout = [(plan.entry, first.row_view_shape(plan.entry.shape), 1) for plan in measured]
+        measured = decided[shard.path.name]
+        layout = [(plan.entry, schemes[0].row_view_shape(plan.entry.shape), 1)
+                  for plan in measured]
         with SafetensorsReader(shard.path) as reader, \
                 ShardStream(reader, layout, chunk_bytes) as stream:
-            chosen[shard.path.name] = [
-                _choose(stream, plan, method, target_db, codec) if plan.quantized else plan
-                for plan in shard_plans]
-    return chosen
+            for plan in measured:
+                candidates[plan.name] = _candidates(stream, plan, schemes, codec, deployment,
+                                                    progress, enough_db)
+    return candidates
 
 
-def _choose(stream: ShardStream, plan: TensorPlan, method: Method, target_db: float,
-            codec: Codec) -> TensorPlan:
-    tried = []
-    views: dict[tuple[int, int], TensorChunks] = {}
-    for granularity, block in LADDER:
-        scheme = Scheme(method, granularity, block)  # type: ignore[arg-type]
-        row_shape = scheme.row_view_shape(plan.entry.shape)
-        if row_shape not in views:
-            views[row_shape] = stream.rows(plan.entry, row_shape, codec.row_multiple(scheme))
-        sqnr = _measure(views[row_shape], scheme, codec).sqnr_db
-        reached = sqnr >= target_db
-        label = granularity if block is None else f"block {block}"
+def _open(plan: TensorPlan) -> bool:
+    """Whether a target decides the plan: selected, and not decided by a --rule."""
+    return plan.selected and plan.rule is None
+
+
+def _candidates(stream: ShardStream, plan: TensorPlan, schemes: Sequence[Scheme], codec: Codec,
+                deployment: Deployment, progress: Progress,
+                enough_db: float | None) -> list[Candidate]:
+    entry = plan.entry
+    found = [Candidate(None, entry.nbytes, ErrorStats())]
+    views: dict[tuple[tuple[int, int], int], TensorChunks] = {}
+    for number, scheme in enumerate(schemes):
+        if enough_db is not None and found[-1].scheme is not None \
+                and found[-1].stats.sqnr_db >= enough_db:
+            progress.advance(entry.nbytes * (len(schemes) - number), entry.name)
+            break
+        if codec.keep_reason(entry, scheme, deployment) is not None:
+            progress.advance(entry.nbytes, entry.name)
+            continue
+        view = (scheme.row_view_shape(entry.shape), codec.row_multiple(scheme))
+        if view not in views:
+            views[view] = stream.rows(entry, *view)
+        stats = ErrorStats()
+        for _, rows, result in quantized_chunks(views[view], scheme, codec, with_stats=True):
+            assert result.stats is not None
+            stats = stats.merge(result.stats)
+            progress.advance(rows.size * entry.nbytes // entry.numel, entry.name)
+        found.append(Candidate(scheme, plan.with_scheme(scheme, "", codec).output_bytes, stats))
+    return found
+
+
+def _where(scheme: Scheme | None) -> str:
+    """A candidate in a reason: its granularity, and its bits below 8."""
+    if scheme is None:
+        return "kept"
+    where = f"block {scheme.block_size}" if scheme.granularity == "block" else scheme.granularity
+    return where if scheme.bits == 8 else f"int{scheme.bits} {where}"
+
+
+def _trail(candidates: Sequence[Candidate], target_db: float) -> str:
+    """What each candidate reached against the target, for the reason column."""
+    parts = []
+    for candidate in candidates[1:]:
+        sqnr = candidate.stats.sqnr_db
         measured = "exact" if math.isinf(sqnr) else f"{sqnr:.1f} dB"
-        tried.append(f"{label} {measured} {'≥' if reached else '<'} {target_db:g}")
-        if reached:
-            return plan.with_scheme(scheme, "; ".join(tried), codec)
-    return plan.with_scheme(None, "no scheme reaches the target: " + "; ".join(tried), codec)
+        where = _where(candidate.scheme)
+        parts.append(f"{where} {measured} {'≥' if sqnr >= target_db else '<'} {target_db:g}")
+    return "; ".join(parts)
 
 
-def _measure(chunks: TensorChunks, scheme: Scheme, codec: Codec) -> ErrorStats:
-    """The error statistics ``scheme`` would give the tensor, writing nothing."""
-    stats = ErrorStats()
-    for _, _, result in quantized_chunks(chunks, scheme, codec, with_stats=True):
-        assert result.stats is not None
-        stats = stats.merge(result.stats)
-    return stats
+def choose_for_sqnr(plans: dict[str, list[TensorPlan]], candidates: dict[str, list[Candidate]],
+                    target_db: float, codec: Codec) -> dict[str, list[TensorPlan]]:
+    """Each measured tensor with the cheapest candidate that reaches ``target_db`` (the
+    ladder's order breaks ties); kept as it is if none does."""
+
+    def choose(plan: TensorPlan, found: list[Candidate]) -> TensorPlan:
+        reaching = [c for c in found[1:] if c.stats.sqnr_db >= target_db]
+        trail = _trail(found, target_db)
+        if not reaching:
+            return plan.with_scheme(None, "no scheme reaches the target: " + trail, codec)
+        best = min(reaching, key=lambda c: c.output_bytes)  # min keeps the first of ties
+        return plan.with_scheme(best.scheme, trail, codec)
+
+    return _replace(plans, candidates, choose)
+
+
+def choose_for_bits(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]],
+                    candidates: dict[str, list[Candidate]], target_bits: float,
+                    target_db: float | None, codec: Codec) -> dict[str, list[TensorPlan]]:
+    """The candidates of least total squared error whose output averages at most
+    ``target_bits`` per weight over the tensors qz selects (ruled ones and those the format
+    keeps in float included, at what they cost); with ``target_db``, only candidates that
+    reach it.
+
+    The choice solves this multiple-choice knapsack by dynamic programming over the
+    budget in 2^15 steps (each candidate's bytes rounded up to whole steps, so the answer
+    always fits), then spends what the rounding left on the upgrades that remove the most
+    error per byte. It is never worse than giving every tensor one same scheme that fits.
+
+    Raises:
+        InputError: even the smallest candidates exceed ``target_bits``.
+    """
+    every = [plan for shard_plans in plans.values() for plan in shard_plans if plan.selected]
+    elements = sum(plan.entry.numel for plan in every)
+    budget = math.floor(target_bits * elements / 8)
+    allowed = {name: [c for i, c in enumerate(found)
+                      if i == 0 or target_db is None or c.stats.sqnr_db >= target_db]
+               for name, found in candidates.items()}
+    fixed = sum(plan.output_bytes for plan in every if plan.name not in allowed)
+    smallest = fixed + sum(min(c.output_bytes for c in found) for found in allowed.values())
+    if smallest > budget:
+        raise InputError(
+            located(checkpoint.source, None, f"cannot be stored in {target_bits:g} bits per "
+                    f"weight: the smallest schemes the format allows"
+                    + ("" if target_db is None else f" that reach {target_db:g} dB")
+                    + f" need {8 * smallest / elements:.3f} bits per weight"),
+            hint="raise --target-bits" + ("" if target_db is None else " or lower --target-sqnr"))
+    picks = _fill(_knapsack(allowed, budget - fixed), allowed, budget - fixed)
+    for uniform in _uniform_picks(allowed):
+        if _bytes(uniform) <= budget - fixed and _error(uniform) < _error(picks):
+            picks = uniform
+
+    def choose(plan: TensorPlan, found: list[Candidate]) -> TensorPlan:
+        chosen = picks[plan.name]
+        bits = 8 * chosen.output_bytes / plan.entry.numel
+        sqnr = chosen.stats.sqnr_db
+        reason = (f"--target-bits {target_bits:g}: {bits:.2f} bits/weight, "
+                  + ("exact" if math.isinf(sqnr) else f"{sqnr:.1f} dB"))
+        return plan.with_scheme(chosen.scheme, reason, codec)
+
+    return _replace(plans, candidates, choose)
+
+
+#: The budget's resolution in the dynamic programme: ample for hundreds of tensors (the
+#: rounding costs each at most 1/32768 of the budget, and _fill spends it again).
+BUDGET_STEPS = 1 << 15
+
+
+def _knapsack(allowed: dict[str, list[Candidate]], capacity: int) -> dict[str, Candidate]:
+    """One candidate per tensor, of least total error with total bytes ≤ ``capacity``."""
+    unit = max(1, -(-capacity // BUDGET_STEPS))
+    size = capacity // unit + 1
+    # least[b]: the least error of the tensors so far within b units (none: 0 anywhere).
+    least = np.zeros(size)
+    picked = np.zeros((len(allowed), size), dtype=np.int16)
+    for number, found in enumerate(allowed.values()):
+        best = np.full(size, np.inf)
+        for index, candidate in enumerate(found):
+            weight = -(-candidate.output_bytes // unit)
+            if weight >= size:
+                continue
+            total = np.full(size, np.inf)
+            total[weight:] = least[:size - weight] + candidate.stats.error_energy
+            better = total < best
+            best[better] = total[better]
+            picked[number][better] = index
+        least = best
+    picks = {}
+    remaining = size - 1
+    for number, (name, found) in reversed(list(enumerate(allowed.items()))):
+        candidate = found[picked[number][remaining]]
+        picks[name] = candidate
+        remaining -= -(-candidate.output_bytes // unit)
+    return picks
+
+
+def _fill(picks: dict[str, Candidate], allowed: dict[str, list[Candidate]],
+          capacity: int) -> dict[str, Candidate]:
+    """``picks`` with upgrades that still fit, the most error removed per byte first."""
+    picks = dict(picks)
+    while True:
+        spare = capacity - _bytes(picks)
+        upgrades = [((now.stats.error_energy - c.stats.error_energy)
+                     / max(c.output_bytes - now.output_bytes, 1), name, c)
+                    for name, now in picks.items() for c in allowed[name]
+                    if c.stats.error_energy < now.stats.error_energy
+                    and c.output_bytes - now.output_bytes <= spare]
+        if not upgrades:
+            return picks
+        _, name, chosen = max(upgrades, key=lambda upgrade: upgrade[0])
+        picks[name] = chosen
+
+
+def _uniform_picks(allowed: dict[str, list[Candidate]]) -> list[dict[str, Candidate]]:
+    """For each scheme measured, every tensor with it (kept where it was not allowed)."""
+    schemes = dict.fromkeys(c.scheme for found in allowed.values() for c in found
+                            if c.scheme is not None)  # in order: the choice is reproducible
+    return [{name: next((c for c in found if c.scheme == scheme), found[0])
+             for name, found in allowed.items()} for scheme in schemes]
+
+
+def _bytes(picks: dict[str, Candidate]) -> int:
+    return sum(c.output_bytes for c in picks.values())
+
+
+def _error(picks: dict[str, Candidate]) -> float:
+    return sum(c.stats.error_energy for c in picks.values())
+
+
+def _replace(plans: dict[str, list[TensorPlan]], candidates: dict[str, list[Candidate]],
+             choose: Callable[[TensorPlan, list[Candidate]], TensorPlan]
+             ) -> dict[str, list[TensorPlan]]:
+    return {name: [choose(plan, candidates[plan.name]) if plan.name in candidates else plan
+                   for plan in shard_plans]
+            for name, shard_plans in plans.items()}
+
