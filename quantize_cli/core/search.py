@@ -26,6 +26,7 @@ plain squared error; benchmarks/README.md compares both, on weights and on a rea
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -97,7 +98,11 @@ class _Sums:
             self.total = np.full(values.shape[:-1], values.shape[-1], dtype=np.float64)
         self.xx = np.einsum("...i,...i->...", self.weighted_values, values).astype(np.float64)
         self.zero = np.zeros(values.shape[:-1])
-        self.x = _total(self.weighted_values)
+
+    @functools.cached_property
+    def x(self) -> np.ndarray:
+        """Σw·x (only offsets need it: a symmetric search never reads the values again)."""
+        return _total(self.weighted_values)
 
     def of_codes(self, codes: np.ndarray,
                  symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -108,13 +113,15 @@ class _Sums:
                 np.einsum("...i,...i->...", weighted_codes, codes).astype(np.float64),
                 np.einsum("...i,...i->...", self.weighted_values, codes).astype(np.float64))
 
-    def error(self, scale: np.ndarray, offset: np.ndarray,
+    def error(self, scale: np.ndarray, offset: np.ndarray | None,
               codes_sums: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-        """Σw·(x − s·q − b)² for those codes, expanded into the sums."""
+        """Σw·(x − s·q − b)² for those codes, expanded into the sums (b = 0: None)."""
         q, qq, xq = codes_sums
-        s, b = scale.astype(np.float64), offset.astype(np.float64)
-        error: np.ndarray = (self.xx - 2 * s * xq - 2 * b * self.x + s * s * qq
-                             + 2 * s * b * q + self.total * b * b)
+        s = scale.astype(np.float64)
+        error: np.ndarray = self.xx - 2 * s * xq + s * s * qq
+        if offset is not None:
+            b = offset.astype(np.float64)
+            error += self.total * b * b - 2 * b * self.x + 2 * s * b * q
         return error
 
 
@@ -177,7 +184,7 @@ def _symmetric(values: np.ndarray, low: np.ndarray, high: np.ndarray, scheme: Sc
                storage: Storage, sums: _Sums) -> np.ndarray:
     lowest, highest = scheme.code_range
     magnitude = np.maximum(-low, high)
-    zero = np.zeros(magnitude.shape, dtype=np.float32)
+    zero = np.zeros(magnitude.shape, dtype=np.float32)  # the zero point a _Best records
     best = _Best(sums)
     plain = round_scale_up(absmax_scale(magnitude, scheme.bits, storage.divisor),
                            storage.scale_dtype)
@@ -188,11 +195,11 @@ def _symmetric(values: np.ndarray, low: np.ndarray, high: np.ndarray, scheme: Sc
         codes = _codes(values, start, 0.0, lowest, highest)
         code_sums = sums.of_codes(codes, symmetric=True)
         if number == 0:
-            best.offer(sums.error(start, zero, code_sums), start, zero)
+            best.offer(sums.error(start, None, code_sums), start, zero)
         refitted = _stored(_least_squares_scale(code_sums, start), storage)
         if not storage.negative_scales:
             refitted = np.abs(refitted)
-        best.offer(sums.error(refitted, zero, code_sums), refitted, zero)
+        best.offer(sums.error(refitted, None, code_sums), refitted, zero)
     return best.scale
 
 
