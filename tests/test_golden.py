@@ -70,3 +70,42 @@ def test_golden_header_is_what_the_format_documents() -> None:
     # Block [1.6, -0.7, -3.4, 1.7] has s = 3.4/127; [-2.9, 0.5, 2.3, 6.2] has s = 6.2/127.
     assert codes.tolist() == [[60, -26, -127, 64, -59, 10, 47, 127],
                               [0, 0, 0, 0, 32, -64, 95, -127]]
+
+
+def test_version_2_header_is_what_the_format_documents() -> None:
+    data = (GOLDEN / "tiny.int4-absmax-block4.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    metadata = header.pop("__metadata__")
+    assert metadata["qz.format_version"] == "2"
+    assert json.loads(metadata["qz.tensors"]) == {"w": {
+        "bits": 4, "block": 4, "clip": "mse", "dtype": "F32", "granularity": "block",
+        "method": "absmax", "shape": [2, 8]}}
+    assert header["w"]["dtype"] == "U8" and header["w"]["shape"] == [2, 4]
+    assert header["w_scale"]["shape"] == [2, 2]
+
+
+def format_doc_reader() -> object:
+    """The numpy reader printed in docs/FORMAT.md, run as written."""
+    text = (GOLDEN.parent.parent / "docs" / "FORMAT.md").read_text(encoding="utf-8")
+    after = text.split("Reading any qz file", 1)[1]
+    code = after.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, object] = {}
+    exec(compile(code, "FORMAT.md", "exec"), namespace)  # noqa: S102 - our own docs
+    return namespace["read_qz"]
+
+
+@pytest.mark.parametrize("golden", sorted(p.name for p in GOLDEN.glob("*.safetensors")))
+def test_the_documented_reader_reads_every_golden_file_as_qz_does(tmp_path: Path,
+                                                                  golden: str) -> None:
+    read_qz = format_doc_reader()
+    tensors = read_qz(GOLDEN / golden)  # type: ignore[operator]
+    restored = tmp_path / "restored.safetensors"
+    result = CliRunner().invoke(qz, ["dequantize", str(GOLDEN / golden), "-o", str(restored),
+                                     "--dtype", "float32", "-q"])
+    assert result.exit_code == 0, result.output
+    from safetensors.numpy import load_file
+    expected = load_file(restored)
+    assert set(tensors) == set(expected)
+    for name, values in expected.items():
+        assert np.array_equal(tensors[name], values), (golden, name)
