@@ -52,7 +52,7 @@ def sentences(folder: Path, count: int) -> list[str]:
     for text in texts:
         for paragraph in re.split(r"\n\s*\n", text):
             words = re.sub(r"[`*#|>\[\]()_-]+", " ", paragraph).split()
-            if 6 <= len(words):
+            if len(words) >= 6:
                 found.append(" ".join(words[:60]))
     return found[:count]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 
-import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
@@ -25,7 +24,14 @@ from .scheme import FP8_MAX, Scheme
 from .stats import ErrorStats
 from .threads import map_tiles, tile_rows
 
-FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+
+def _fp8() -> np.dtype:
+    """FP8 E4M3, from ml_dtypes, imported on first use: importing it costs about half a
+    second, which commands that never touch FP8 values should not pay."""
+    import ml_dtypes
+
+    fp8: np.dtype = np.dtype(ml_dtypes.float8_e4m3fn)
+    return fp8
 
 
 def quantize_fp8_rows(
@@ -57,13 +63,14 @@ def quantize_fp8_rows(
     else:
         scale = _scale(tile_magnitudes(values, scheme.block_size or 1), scale_dtype)
     per_element = expand_scale(scale, scheme, values.shape)
-    codes = np.empty(values.shape, dtype=FP8)
+    fp8 = _fp8()
+    codes = np.empty(values.shape, dtype=fp8)
 
     def work(tile: slice) -> ErrorStats | None:
         tile_scale = per_element[tile]
         divisor = np.where(tile_scale == 0, np.float32(1), tile_scale)
         quotient = np.clip(values[tile] / divisor, -FP8_MAX, FP8_MAX)
-        codes[tile] = quotient.astype(FP8)
+        codes[tile] = quotient.astype(fp8)
         if not with_stats:
             return None
         error = values[tile] - codes[tile].astype(np.float32) * tile_scale

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import ml_dtypes
+import functools
+
 import numpy as np
 
 #: Bits per element of every dtype the safetensors format defines (safetensors' ``Dtype``).
@@ -31,14 +32,8 @@ DTYPE_BITS: dict[str, int] = {
     "U64": 64,
 }
 
-#: The floating dtypes qz quantizes (DESIGN §3), with their little-endian numpy dtypes.
-#: BF16 comes from ml_dtypes because numpy has no bfloat16.
-FLOAT_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-}
+#: The floating dtypes qz quantizes (DESIGN §3).
+FLOAT_DTYPES: tuple[str, ...] = ("F64", "F32", "F16", "BF16")
 
 #: numpy dtypes of the fixed-width integer and bool dtypes (for showing values).
 INTEGER_DTYPES: dict[str, np.dtype] = {
@@ -53,23 +48,30 @@ INTEGER_DTYPES: dict[str, np.dtype] = {
     "U64": np.dtype("<u8"),
 }
 
-#: numpy dtypes of the FP8 formats qz writes and reads (not quantized themselves).
-FP8_DTYPES: dict[str, np.dtype] = {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn)}
-
 #: Names accepted by ``qz dequantize --dtype`` and the safetensors code each one writes.
 OUTPUT_DTYPES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
+@functools.cache
 def numpy_dtype(code: str) -> np.dtype:
-    """numpy dtype for a float or integer safetensors code.
+    """The little-endian numpy dtype of a float (FP8 E4M3 included) or integer
+    safetensors code.
 
-    >>> numpy_dtype("BF16").name
-    'bfloat16'
+    BF16 and FP8 come from ml_dtypes, because numpy has neither. It is imported here, on
+    first use, rather than with the module: importing it takes about half a second, which
+    commands that read only headers (``qz inspect``, ``qz --help``) should not pay.
+
+    >>> numpy_dtype("BF16").name, numpy_dtype("F8_E4M3").name
+    ('bfloat16', 'float8_e4m3fn')
     """
+    if code in ("BF16", "F8_E4M3"):
+        import ml_dtypes
+
+        found: np.dtype = np.dtype(ml_dtypes.bfloat16 if code == "BF16"
+                                   else ml_dtypes.float8_e4m3fn)
+        return found
     if code in FLOAT_DTYPES:
-        return FLOAT_DTYPES[code]
-    if code in FP8_DTYPES:
-        return FP8_DTYPES[code]
+        return np.dtype({"F64": "<f8", "F32": "<f4", "F16": "<f2"}[code])
     return INTEGER_DTYPES[code]
 
 
