@@ -1,39 +1,58 @@
-"""End-to-end speed of `qz quantize` and `qz dequantize` on a BF16 checkpoint, against
-the I/O floor, as ratios measured in one run.
+"""End-to-end speed of the ``qz`` commands on a BF16 checkpoint, against plain Python I/O,
+as ratios measured in one run.
 
-    python benchmarks/end_to_end.py [--size-gb 1.0] [--repeat 3] [--folder benchmarks/out]
+    python benchmarks/end_to_end.py [--size-gb 1.5] [--repeat 3] [--folder benchmarks/out]
 
-The checkpoint holds BF16 tensors of 11008×4096 (a Llama-7B MLP weight, 90 MB each).
-Measured, each the best of ``--repeat`` runs, alternating:
+The checkpoint holds BF16 tensors of 11008×4096 (a Llama-7B MLP weight, 90 MB each). Every
+variant runs as a fresh process, as a user runs it (start-up included), each the best of
+``--repeat`` runs, alternating so that drift hits every variant alike:
 
-* the I/O floor: a plain Python loop that reads the input file in 64 MB pieces and writes
-  an output file of the size qz writes, then fsyncs it (qz fsyncs before publishing);
-* ``quantize_checkpoint`` (absmax block 128): reading, BF16 decoding, quantizing, error
-  statistics, hashing the input (SHA-256, recorded in the output), writing, fsync,
-  publishing — and the same without error statistics, and without the hash;
-* ``dequantize_checkpoint`` back to BF16.
+* baseline: ``python`` reading the input file in 64 MB pieces and writing a file of the
+  size qz writes, without fsync (and the same with fsync, which qz does before it
+  publishes);
+* ``qz quantize`` with the defaults (absmax block 128, error statistics, the input's
+  SHA-256), and with ``--no-stats``, ``--no-hash`` and both;
+* ``qz diff`` of the input and the quantized file;
+* ``qz dequantize`` back to BF16, against the baseline that reads the quantized file and
+  writes a file of the restored size.
 
 The input is read once before timing, so every run reads it from the page cache, and
-each run writes a new file (the previous output is deleted before the clock starts).
+each run writes a new file (the previous output is deleted before the clock starts). The
+user and system CPU time of each best run is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import subprocess
+import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
-from quantize_cli.core import Scheme
-from quantize_cli.jobs import dequantize_checkpoint, quantize_checkpoint
 from quantize_cli.storage.writer import PlannedTensor, SafetensorsWriter
 
-PIECE = 64 * 1024 * 1024
 SHAPE = (11008, 4096)
+#: Reads the file argv[1] in 64 MB pieces and writes argv[3] bytes to argv[2]; fsyncs
+#: when argv[4] is "fsync".
+BASELINE = """
+import os, sys
+piece = bytearray(64 << 20)
+view = memoryview(piece)
+size, written = int(sys.argv[3]), 0
+with open(sys.argv[1], "rb", buffering=0) as source, open(sys.argv[2], "wb", buffering=0) as out:
+    while count := source.readinto(piece):
+        if written < size:
+            written += out.write(view[:min(count, size - written)])
+    while written < size:
+        written += out.write(view[:min(len(piece), size - written)])
+    if sys.argv[4] == "fsync":
+        os.fsync(out.fileno())
+"""
 
 
 def make_checkpoint(path: Path, size_gb: float) -> None:
@@ -48,37 +67,22 @@ def make_checkpoint(path: Path, size_gb: float) -> None:
         writer.publish()
 
 
-def copy_floor(source: Path, target: Path, output_size: int) -> None:
-    """Read all of ``source``; write ``output_size`` bytes to ``target``; fsync."""
-    buffer = bytearray(PIECE)
-    view = memoryview(buffer)
-    written = 0
-    with open(source, "rb", buffering=0) as reader, open(target, "wb", buffering=0) as out:
-        while True:
-            count = reader.readinto(buffer)
-            if not count:
-                break
-            if written < output_size:
-                size = min(count, output_size - written)
-                out.write(view[:size])
-                written += size
-        while written < output_size:  # only if the output were larger than the input
-            size = min(PIECE, output_size - written)
-            out.write(view[:size])
-            written += size
-        os.fsync(out.fileno())
-
-
-def timed(work: Callable[[], object], output: Path) -> float:
-    output.unlink(missing_ok=True)
+def run(command: list[str], output: Path | None) -> tuple[float, float, float]:
+    """Wall, user and system seconds of a fresh process running ``command``."""
+    if output is not None:
+        output.unlink(missing_ok=True)
+    before = os.times()
     start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    after = os.times()
+    return (wall, after.children_user - before.children_user,
+            after.children_system - before.children_system)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gb", type=float, default=1.0)
+    parser.add_argument("--size-gb", type=float, default=1.5)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--folder", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args()
@@ -88,49 +92,63 @@ def main() -> None:
     if not source.exists():
         print(f"writing {source} …")
         make_checkpoint(source, args.size_gb)
+    script = shutil.which("qz")
+    qz = [script] if script else [sys.executable, "-m", "quantize_cli"]
     quantized = args.folder / "e2e.int8.safetensors"
     restored = args.folder / "e2e.dequant.safetensors"
-    floor_file = args.folder / "e2e.floor.bin"
-    input_bytes = source.stat().st_size
-    copy_floor(source, floor_file, 0)  # warm the page cache with the input
+    baseline_file = args.folder / "e2e.baseline.bin"
+    kept = args.folder / "e2e.input.int8.safetensors"  # dequantize's and diff's input
+    subprocess.run([*qz, "quantize", str(source), "-o", str(kept), "-q", "--force"],
+                   check=True)
+    subprocess.run([*qz, "dequantize", str(kept), "-o", str(restored), "-q", "--force"],
+                   check=True)
+    input_size, quantized_size = source.stat().st_size, kept.stat().st_size
+    restored_size = restored.stat().st_size
 
-    scheme = Scheme("absmax", "block", 128)
-    quantize_checkpoint(source, quantized, scheme)  # the output whose size the floor writes
-    output_size = quantized.stat().st_size
-    dequantize_input = args.folder / "e2e.input.int8.safetensors"
-    quantized.rename(dequantize_input)
-    runs = {
-        "I/O floor (read input, write output-sized file, fsync)":
-            (lambda: copy_floor(source, floor_file, output_size), floor_file),
-        "qz quantize": (lambda: quantize_checkpoint(source, quantized, scheme), quantized),
-        "qz quantize, no error statistics":
-            (lambda: quantize_checkpoint(source, quantized, scheme, error_stats=False),
-             quantized),
-        "qz quantize, no input hash":
-            (lambda: quantize_checkpoint(source, quantized, scheme, hash_source=False),
-             quantized),
-        "qz dequantize (to BF16)":
-            (lambda: dequantize_checkpoint(dequantize_input, restored), restored),
+    def baseline(read: Path, size: int, sync: str) -> list[str]:
+        return [sys.executable, "-c", BASELINE, str(read), str(baseline_file), str(size), sync]
+
+    quantize = [*qz, "quantize", str(source), "-o", str(quantized), "-q"]
+    runs: dict[str, tuple[list[str], Path | None]] = {
+        "baseline: read input, write output-sized file": (
+            baseline(source, quantized_size, "no"), baseline_file),
+        "baseline, with fsync": (baseline(source, quantized_size, "fsync"), baseline_file),
+        "qz quantize (defaults: statistics and hash)": (quantize, quantized),
+        "qz quantize --no-hash": ([*quantize, "--no-hash"], quantized),
+        "qz quantize --no-stats": ([*quantize, "--no-stats"], quantized),
+        "qz quantize --no-stats --no-hash": ([*quantize, "--no-stats", "--no-hash"],
+                                             quantized),
+        "qz diff input quantized": ([*qz, "diff", str(source), str(kept)], None),
+        "baseline: read quantized, write restored-sized file": (
+            baseline(kept, restored_size, "no"), baseline_file),
+        "qz dequantize (to BF16)": (
+            [*qz, "dequantize", str(kept), "-o", str(restored), "-q"], restored),
     }
-    seconds = dict.fromkeys(runs, float("inf"))
-    for _ in range(args.repeat):  # alternate, so that drift hits every variant alike
-        for label, (work, output) in runs.items():
-            seconds[label] = min(seconds[label], timed(work, output))
+    run(baseline(source, 0, "no"), baseline_file)  # the input into the page cache
+    best = {label: (float("inf"), 0.0, 0.0) for label in runs}
+    for _ in range(args.repeat):
+        for label, (command, output) in runs.items():
+            measured = run(command, output)
+            if measured[0] < best[label][0]:
+                best[label] = measured
 
-    print(f"\ninput {input_bytes / 1e9:.2f} GB BF16, output {output_size / 1e9:.2f} "
-          f"GB, best of {args.repeat}; GB/s of input read\n")
-    for label, value in seconds.items():
-        print(f"  {label:<58} {value:6.2f} s  {input_bytes / value / 1e9:5.2f} GB/s")
-    floor = seconds["I/O floor (read input, write output-sized file, fsync)"]
-    quantize = seconds["qz quantize"]
-    print(f"\n  qz quantize runs at {100 * floor / quantize:.0f}% of the I/O floor's throughput "
-          f"({100 * floor / seconds['qz quantize, no input hash']:.0f}% without the input hash)")
-    no_stats = seconds["qz quantize, no error statistics"]
-    print(f"  error statistics add {100 * (quantize / no_stats - 1):.0f}% to quantize time")
-    dequantize_rate = output_size / seconds["qz dequantize (to BF16)"]
-    print(f"  dequantize takes {seconds['qz dequantize (to BF16)'] / quantize:.2f}× the time of "
-          f"quantize (reading {dequantize_rate / 1e9:.2f} GB/s of INT8)")
-    for path in (quantized, restored, floor_file, dequantize_input):
+    print(f"\ninput {input_size / 1e9:.2f} GB BF16, quantized {quantized_size / 1e9:.2f} GB; "
+          f"best of {args.repeat}\n")
+    print(f"  {'':54} {'wall':>7} {'user':>7} {'system':>7}")
+    for label, (wall, user, system) in best.items():
+        print(f"  {label:54} {wall:6.2f}s {user:6.2f}s {system:6.2f}s")
+    floor = best["baseline: read input, write output-sized file"][0]
+    print()
+    for label in runs:
+        if label.startswith("qz quantize") or label.startswith("qz diff"):
+            print(f"  {label:54} {floor / best[label][0]:5.2f}× the baseline's speed")
+    dequantize_floor = best["baseline: read quantized, write restored-sized file"][0]
+    print(f"  {'qz dequantize (to BF16)':54} "
+          f"{dequantize_floor / best['qz dequantize (to BF16)'][0]:5.2f}× its baseline's speed")
+    quantize_time = best["qz quantize (defaults: statistics and hash)"][0]
+    print(f"  qz diff takes {best['qz diff input quantized'][0] / quantize_time:.2f}× the time "
+          f"of qz quantize")
+    for path in (quantized, restored, baseline_file, kept):
         path.unlink(missing_ok=True)
 
 

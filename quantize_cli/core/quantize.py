@@ -77,6 +77,9 @@ class RowResult:
     zero_point: npt.NDArray[np.int8] | None
     stats: ErrorStats | None
     bias: np.ndarray | None = None  # a float offset per group (core/offset.py)
+    #: (min, max) of the integer codes, taken by the tiles while in cache, so that the
+    #: check before writing (DESIGN §6.4) needs no pass over the chunk of its own.
+    code_bounds: tuple[int, int] | None = None
 
 
 def find_non_finite(
@@ -115,8 +118,17 @@ def as_float32(values: npt.ArrayLike) -> npt.NDArray[np.float32]:
     """The float32 array qz computes on (float16/bfloat16/float64 are converted)."""
     array = np.asarray(values)
     _check_float(array)
+    if array.dtype.name == "bfloat16":
+        return _widen_bfloat16(np.ascontiguousarray(array), np.empty(array.shape, np.float32))
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused
         return np.asarray(array, dtype=np.float32, order="C")
+
+
+def _widen_bfloat16(values: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """bfloat16 values as float32, into ``out``: a bfloat16 is the top half of a float32,
+    so widening the bits is exact, and about three times as fast as ml_dtypes' cast."""
+    np.left_shift(values.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    return out
 
 
 def _float32_tile(values: np.ndarray) -> np.ndarray:
@@ -125,6 +137,8 @@ def _float32_tile(values: np.ndarray) -> np.ndarray:
     if values.dtype == np.float32:
         return values
     converted = scratch(3, values.shape)
+    if values.dtype.name == "bfloat16":
+        return _widen_bfloat16(values, converted)
     with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, then refused
         np.copyto(converted, values, casting="unsafe")
     return converted
@@ -269,7 +283,7 @@ def quantize_rows(
     # bytes); float64 is read after conversion.
     range_source_is_native = kernels.has_bit_layout(rows.dtype)
 
-    def work(tile: slice) -> ErrorStats | None:
+    def work(tile: slice) -> tuple[ErrorStats | None, tuple[int, int]]:
         tile_stats = None
         native = rows[tile]
         values = _float32_tile(native)
@@ -291,7 +305,8 @@ def quantize_rows(
                                           with_stats)
             if stats is not None:
                 tile_stats = stats if tile_stats is None else tile_stats.merge(stats)
-        return tile_stats
+        tile_codes = codes[tile]
+        return tile_stats, (int(tile_codes.min()), int(tile_codes.max()))
 
     try:
         results = map_tiles(work, row_count, tile_rows(columns)) if rows.size else []
@@ -300,10 +315,13 @@ def quantize_rows(
     stats = None
     if with_stats:
         stats = ErrorStats()
-        for item in results:
+        for item, _ in results:
             if item is not None:
                 stats = stats.merge(item)
-    return RowResult(codes=codes, scale=scale, zero_point=zero_point, stats=stats)
+    bounds = ((min(low for _, (low, _) in results), max(high for _, (_, high) in results))
+              if results else None)
+    return RowResult(codes=codes, scale=scale, zero_point=zero_point, stats=stats,
+                     code_bounds=bounds)
 
 
 def dequantize_rows(

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from .threads import TILE_ELEMENTS, map_tiles
+
 
 @dataclass(frozen=True)
 class ErrorStats:
@@ -85,3 +87,35 @@ def error_stats(original: npt.ArrayLike, dequantized: npt.ArrayLike) -> ErrorSta
         cross_energy=cross_energy,
         max_abs_error=float(max(error.max(), -error.min())),
     )
+
+
+def compare(original: np.ndarray, approximation: np.ndarray) -> ErrorStats:
+    """:func:`error_stats` of two float arrays of the same shape, computed tile by tile on
+    every thread, each tile in float64 while it is in cache (the whole-array version
+    makes float64 copies of both sides on one thread). Non-finite values make the sums
+    non-finite, which the caller checks.
+
+    >>> compare(np.array([[1.0, -2.0]], np.float32), np.array([[1.0, -1.5]], np.float32)).mse
+    0.125
+    """
+    if original.shape != approximation.shape:
+        raise ValueError(f"shapes differ: {original.shape} and {approximation.shape}")
+    flat_original = original.reshape(-1)
+    flat_approximation = approximation.reshape(-1)
+    tile = TILE_ELEMENTS
+
+    def work(tiles: slice) -> ErrorStats:
+        span = slice(tiles.start * tile, min(tiles.stop * tile, flat_original.size))
+        x = flat_original[span].astype(np.float64)
+        x_hat = flat_approximation[span].astype(np.float64)
+        error = x - x_hat
+        return ErrorStats(
+            count=int(x.size), signal_energy=float(np.dot(x, x)),
+            error_energy=float(np.dot(error, error)),
+            dequantized_energy=float(np.dot(x_hat, x_hat)), cross_energy=float(np.dot(x, x_hat)),
+            max_abs_error=float(np.abs(error).max()) if error.size else 0.0)
+
+    total = ErrorStats()
+    for stats in map_tiles(work, -(-flat_original.size // tile), 1):
+        total = total.merge(stats)
+    return total

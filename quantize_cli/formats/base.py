@@ -171,8 +171,10 @@ class Codec(ABC):
         if scheme.method == "fp8":  # codes are floats: the cast would have made NaN
             return scales_valid and not np.isnan(result.codes.astype(np.float32)).any()
         lowest, highest = scheme.code_range
-        return scales_valid and (result.codes.size == 0 or (
-            int(result.codes.min()) >= lowest and int(result.codes.max()) <= highest))
+        if result.codes.size == 0:
+            return scales_valid
+        low, high = result.code_bounds or (int(result.codes.min()), int(result.codes.max()))
+        return scales_valid and low >= lowest and high <= highest
 
     @abstractmethod
     def encode(self, entry: TensorEntry, scheme: Scheme, result: RowResult,

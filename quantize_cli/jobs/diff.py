@@ -18,18 +18,24 @@ from pathlib import Path
 import numpy as np
 
 from ..core.quantize import as_float32, find_non_finite
-from ..core.stats import ErrorStats, error_stats
-from ..errors import DtypeRangeError, NonFiniteValuesError, QuantizedFormatError, located
+from ..core.stats import ErrorStats, compare
+from ..errors import (
+    DtypeRangeError,
+    InputError,
+    NonFiniteValuesError,
+    QuantizedFormatError,
+    located,
+)
 from ..formats import Codec, StoredWeight, detect
 from ..storage.checkpoint import Checkpoint, open_checkpoint
 from ..storage.dtypes import DTYPE_BITS, FLOAT_DTYPES, INTEGER_DTYPES, numpy_dtype
 from ..storage.header import TensorEntry
 from ..storage.reader import SafetensorsReader, row_ranges
 from .outputs import model_config
-from .reports import DiffReport, ExactComparison, TensorDifference
+from .reports import DiffReport, ExactComparison, NoProgress, Progress, TensorDifference
 
-#: Bytes of float64 per side and chunk (statistics are summed in float64).
-CHUNK_BYTES = 16 * 1024 * 1024
+#: Bytes of float32 values per side and chunk.
+CHUNK_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,13 @@ class LogicalTensor:
     entry: TensorEntry  # the stored tensor (the codes, for a quantized weight)
     weight: StoredWeight | None = None
     codec: Codec | None = None
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the file this tensor is read from (codes and companions)."""
+        if self.weight is None:
+            return self.entry.nbytes
+        return sum(self.reader.header[name].nbytes for name, _ in self.weight.tensors)
 
     def label(self) -> str:
         if self.weight is None:
@@ -87,8 +100,10 @@ def logical_tensors(checkpoint: Checkpoint,
     return tensors
 
 
-def diff_checkpoints(a: str | Path, b: str | Path, chunk_bytes: int = CHUNK_BYTES) -> DiffReport:
-    """Compare checkpoint B against checkpoint A (the reference), tensor by tensor.
+def diff_checkpoints(a: str | Path, b: str | Path, chunk_bytes: int = CHUNK_BYTES,
+                     progress: Progress | None = None) -> DiffReport:
+    """Compare checkpoint B against checkpoint A (the reference), tensor by tensor;
+    ``progress`` counts the stored bytes of both sides as they are read.
 
     >>> report = diff_checkpoints("model.safetensors", "model.int8.safetensors")  # doctest: +SKIP
     >>> report.pooled_stats.sqnr_db                                              # doctest: +SKIP
@@ -111,19 +126,24 @@ def diff_checkpoints(a: str | Path, b: str | Path, chunk_bytes: int = CHUNK_BYTE
         report = DiffReport(left.source, right.source, [],
                             only_in_a=sorted(set(left_tensors) - set(right_tensors)),
                             only_in_b=sorted(set(right_tensors) - set(left_tensors)))
-        for name in sorted(set(left_tensors) & set(right_tensors)):
+        common = sorted(set(left_tensors) & set(right_tensors))
+        if not common:
+            raise InputError(located(right.source, None, f"has no tensor in common with "
+                                     f"{left.source}: there is nothing to compare"),
+                             hint="qz inspect lists each side's tensor names")
+        progress = progress or NoProgress()
+        progress.start(sum(left_tensors[name].stored_bytes + right_tensors[name].stored_bytes
+                           for name in common
+                           if left_tensors[name].shape == right_tensors[name].shape),
+                       "comparing")
+        for name in common:
             one, other = left_tensors[name], right_tensors[name]
             if one.shape != other.shape:
                 report.shape_mismatches.append((name, one.shape, other.shape))
             elif one.dtype in FLOAT_DTYPES and other.dtype in FLOAT_DTYPES:
-                stats = ErrorStats()
-                multiple = math.lcm(one.multiple, other.multiple)
-                for values, approximation in zip(_float_chunks(one, chunk_bytes, multiple),
-                                                 _float_chunks(other, chunk_bytes, multiple),
-                                                 strict=True):
-                    stats = stats.merge(error_stats(values, approximation))
-                report.compared.append(TensorDifference(name, one.shape, one.label(),
-                                                        other.label(), stats))
+                report.compared.append(TensorDifference(
+                    name, one.shape, one.label(), other.label(),
+                    _compare(one, other, chunk_bytes, progress)))
             elif _exactly_comparable(one, other):
                 differing = sum(int(np.count_nonzero(x != y)) for x, y in zip(
                     _exact_chunks(one, chunk_bytes), _exact_chunks(other, chunk_bytes),
@@ -132,7 +152,26 @@ def diff_checkpoints(a: str | Path, b: str | Path, chunk_bytes: int = CHUNK_BYTE
                                                     other.label(), differing))
             else:
                 report.not_comparable.append((name, one.label(), other.label()))
+            progress.advance(one.stored_bytes + other.stored_bytes, name)
     return report
+
+
+def _compare(one: LogicalTensor, other: LogicalTensor, chunk_bytes: int,
+             progress: Progress) -> ErrorStats:
+    """The error statistics of ``other`` against ``one``, chunk by chunk."""
+    stats = ErrorStats()
+    multiple = math.lcm(one.multiple, other.multiple)
+    for values, approximation in zip(_float_chunks(one, chunk_bytes, multiple),
+                                     _float_chunks(other, chunk_bytes, multiple),
+                                     strict=True):
+        chunk_stats = compare(values, approximation)
+        # Squares of finite float32 values cannot overflow float64: a non-finite sum
+        # means a non-finite value, which is refused, naming the tensor and where.
+        if not math.isfinite(chunk_stats.signal_energy + chunk_stats.dequantized_energy):
+            for side in (one, other):
+                _refuse_non_finite(side, chunk_bytes, multiple)
+        stats = stats.merge(chunk_stats)
+    return stats
 
 
 def _slice_ranges(tensor: LogicalTensor, bytes_per_slice: int, chunk_bytes: int,
@@ -142,21 +181,18 @@ def _slice_ranges(tensor: LogicalTensor, bytes_per_slice: int, chunk_bytes: int,
 
 def _float_chunks(tensor: LogicalTensor, chunk_bytes: int,
                   multiple: int) -> Iterator[np.ndarray]:
-    """The tensor's values as float64, in chunks of whole slices along the first axis (the
+    """The tensor's values as float32, in chunks of whole slices along the first axis (the
     chunks of both sides of a comparison line up because they have the same shape and
     the same ``multiple``)."""
     per_slice = math.prod(tensor.shape) // tensor.slices if tensor.slices else 0
-    ranges = _slice_ranges(tensor, per_slice * 8, chunk_bytes, multiple)
+    for start, stop in _slice_ranges(tensor, per_slice * 4, chunk_bytes, multiple):
+        yield _read_float_slices(tensor, start, stop, per_slice)
 
-    def chunks() -> Iterator[np.ndarray]:
-        for start, stop in ranges:
-            yield _read_float_slices(tensor, start, stop, per_slice)
 
-    for values in chunks():
-        if not np.isfinite(values).all():
-            count, index = find_non_finite(chunks(), tensor.shape)
-            raise NonFiniteValuesError.build(tensor.name, count, index, tensor.reader.path)
-        yield values.astype(np.float64)
+def _refuse_non_finite(tensor: LogicalTensor, chunk_bytes: int, multiple: int) -> None:
+    count, index = find_non_finite(_float_chunks(tensor, chunk_bytes, multiple), tensor.shape)
+    if count:
+        raise NonFiniteValuesError.build(tensor.name, count, index, tensor.reader.path)
 
 
 def _read_float_slices(tensor: LogicalTensor, start: int, stop: int,

@@ -249,6 +249,11 @@ class DiffReport:
             pooled = pooled.merge(tensor.stats)
         return pooled
 
+    def worst(self, count: int = 3) -> list[TensorDifference]:
+        """The compared tensors with the lowest SQNR."""
+        return [t for _, _, t in sorted((t.stats.sqnr_db, t.name, t)
+                                        for t in self.compared)[:count]]
+
     @property
     def identical_names_and_shapes(self) -> bool:
         return not (self.only_in_a or self.only_in_b or self.shape_mismatches)
