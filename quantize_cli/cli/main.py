@@ -1,13 +1,16 @@
 """The ``qz`` command line: parse options, call the library, render the result.
 
 Exit codes: 0 success; 1 bad data or a failed run (one ``Error:`` line on stderr, no
-traceback); 2 bad usage (click); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+traceback); 2 bad usage (click); 3 ``qz diff --fail-under``: the checkpoints compared but
+failed the test; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). A closed stdout
+(``qz … | head``) is not a failure: the work is done, and the exit code is 0.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import math
 import os
 import signal
 import sys
@@ -25,17 +28,20 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.table import Column
 
 from .. import __version__
 from ..core.explain import explain as explain_steps
 from ..core.scheme import CLIP_CHOICES, INTEGER_METHODS, METHODS, Scheme
-from ..errors import QzError
+from ..errors import OutputError, QzError, located
 from ..formats import DEFAULT_FORMAT, FORMATS
 from ..jobs import dequantize_checkpoint, diff_checkpoints, inspect_checkpoint, quantize_checkpoint
 from ..storage.dtypes import OUTPUT_DTYPES
+from ..storage.writer import check_output_path, write_file
 from . import render
 
 EXIT_FAILURE = 1
+EXIT_BELOW_THRESHOLD = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -60,13 +66,22 @@ def reports_errors(command: F) -> F:
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except OSError as error:
-            if error.errno == errno.EPIPE:  # stdout closed early (`| head`): click's job
-                raise
+            if error.errno == errno.EPIPE:
+                _stdout_closed()
             _internal_error(error)
         except Exception as error:  # a bug: one line, and the traceback on request
             _internal_error(error)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _stdout_closed() -> None:
+    """The reader of stdout went away (``qz … | head``): the job is done and its files
+    are written, so this is no failure. Later writes (and the interpreter's final flush)
+    go to /dev/null, so that nothing complains on the way out."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(0)
 
 
 def _internal_error(error: Exception) -> None:
@@ -80,7 +95,7 @@ def _internal_error(error: Exception) -> None:
 
 
 class _BarProgress:
-    """A rich progress bar over bytes on stderr."""
+    """A rich progress bar over bytes on stderr, one phase at a time."""
 
     def __init__(self, bar: Progress) -> None:
         self.bar = bar
@@ -104,15 +119,20 @@ class _progress_for:
         self.enabled = not quiet and stderr.isatty()
         self.bar: Progress | None = None
         if self.enabled:
+            console = render.make_console(stderr, terminal=True)
+            # One line at any width: the tensor's name takes what the rest leaves and is
+            # cut with an ellipsis; on a narrow terminal speed and time remaining go.
+            wide = console.width >= 90
             self.bar = Progress(
                 TextColumn("{task.description}"),
-                TextColumn("{task.fields[tensor]}", markup=False),
-                BarColumn(),
+                TextColumn("{task.fields[tensor]}", markup=False, table_column=Column(
+                    no_wrap=True, overflow="ellipsis", ratio=1, min_width=0)),
+                BarColumn(bar_width=20 if wide else 10),
                 DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=render.make_console(stderr, terminal=True),
+                *((TransferSpeedColumn(), TimeRemainingColumn()) if wide else ()),
+                console=console,
                 transient=True,
+                expand=True,
             )
 
     def __enter__(self) -> _BarProgress | None:
@@ -131,21 +151,85 @@ def _stdout_console() -> Any:
     return render.make_console(stdout, terminal=stdout.isatty())
 
 
+#: On a terminal, a report of more tensors than this shows only the worst ones.
+MANY_TENSORS = 50
+#: How many of the worst tensors it shows then.
+WORST_SHOWN = 20
+
+
+def json_option(command: F) -> F:
+    """``--json [FILE|-]``, the same on every command."""
+    return click.option(
+        "--json", "json_target", metavar="FILE|-", is_flag=False, flag_value="-",
+        help="Also write the report as JSON to FILE; with '-' or no value, print the JSON "
+             "to stdout instead of the table. An existing FILE needs --force.")(command)
+
+
+def table_options(command: F) -> F:
+    """``--worst N`` and ``--all``, on the commands whose tables list tensors' errors."""
+    command = click.option("--all", "show_all", is_flag=True,
+                           help="Show every tensor (the default, except on a terminal "
+                                f"with more than {MANY_TENSORS} tensors).")(command)
+    return click.option("--worst", type=click.IntRange(min=0), metavar="N",
+                        help="Show only the N tensors of lowest SQNR (0: only the summary); "
+                             f"on a terminal, {WORST_SHOWN} when there are more than "
+                             f"{MANY_TENSORS}.")(command)
+
+
+def _shown_worst(worst: int | None, show_all: bool, count: int) -> int | None:
+    """How many of the worst tensors a table shows (None: every tensor)."""
+    if show_all:
+        return None
+    if worst is not None:
+        return worst
+    return WORST_SHOWN if sys.stdout.isatty() and count > MANY_TENSORS else None
+
+
+class JsonReport:
+    """Where ``--json`` goes: checked before any work, written (all or nothing) after."""
+
+    def __init__(self, target: str | None, force: bool, inputs: list[Path]) -> None:
+        self.to_stdout = target == "-"
+        self.path = None if target is None or self.to_stdout else Path(target)
+        self.existed = False
+        if self.path is not None:
+            check_output_path(self.path, inputs, force, option="--json")
+            for source in inputs:
+                if source.is_dir() and self.path.resolve().is_relative_to(source.resolve()):
+                    raise OutputError(located(self.path, None, "is inside the input folder, "
+                                              "which qz never writes to"),
+                                      hint="write the report elsewhere with --json")
+            self.existed = self.path.exists()
+
+    def write(self, document: dict[str, Any]) -> None:
+        text = render.dump_json(document)
+        if self.to_stdout:
+            click.echo(text)
+        elif self.path is not None:
+            if self.path.exists() and not self.existed:
+                raise OutputError(located(self.path, None, "was created while qz ran (is it "
+                                          "one of the outputs?); the report was not written"),
+                                  hint="write the report elsewhere with --json")
+            write_file(self.path, (text + "\n").encode("utf-8"))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qz")
 def qz() -> None:
-    """Quantize safetensors checkpoints to INT8, inspect them and dequantize them.
+    """Quantize safetensors checkpoints (INT8, 4-bit, FP8), inspect them, compare them
+    and dequantize them.
 
     \b
     Example:
       qz quantize model.safetensors --method affine --block 128
       qz inspect model.int8.safetensors
       qz dequantize model.int8.safetensors
+      qz diff model.safetensors model.int8.safetensors
       qz explain 1.6 -0.7 -3.4 1.7 -2.9 0.5 2.3 6.2
     """
 
 
-@qz.command()
+@qz.command(short_help="Quantize a checkpoint or model folder.")
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(),  # a str: "DIR/" keeps its slash
               help="Output file or folder (DIR/ or an existing folder means a folder). "
@@ -191,8 +275,6 @@ def qz() -> None:
                    "--include).")
 @click.option("--dry-run", is_flag=True,
               help="Show what would be done and the output size; read headers only.")
-@click.option("--json", "json_target", metavar="FILE|-",
-              help="Write the report as JSON to FILE, or to stdout with '-'.")
 @click.option("--format", "format_name", type=click.Choice(list(FORMATS)),
               default=DEFAULT_FORMAT, show_default=True,
               help="The on-disk format. " + " ".join(
@@ -204,7 +286,9 @@ def qz() -> None:
               help="Do not record the input's SHA-256 (saves about 0.7 s of one core per GB).")
 @click.option("--no-stats", is_flag=True,
               help="Do not measure the error (faster; the same file is written).")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+@json_option
+@table_options
+@click.option("--force", is_flag=True, help="Replace an existing output (and JSON file).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
 @reports_errors
 def quantize(
@@ -222,15 +306,17 @@ def quantize(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     dry_run: bool,
-    json_target: str | None,
     format_name: str,
     tensor_parallel: int,
     no_hash: bool,
     no_stats: bool,
+    json_target: str | None,
+    worst: int | None,
+    show_all: bool,
     force: bool,
     quiet: bool,
 ) -> None:
-    """Quantize INPUT (a .safetensors file, an index, or a model folder) to INT8.
+    """Quantize INPUT (a .safetensors file, an index, or a model folder).
 
     Float tensors with at least 2 dimensions and 1024 elements are quantized; everything
     else is copied unchanged. Prints the error of every tensor and the totals.
@@ -239,9 +325,10 @@ def quantize(
     Examples:
       qz quantize model.safetensors --method affine --block 128
       qz quantize llama-3-8b/ --per-channel -o llama-3-8b-int8/
+      qz quantize llama-3-8b/ --bits 4 --block 64 --format mlx
       qz quantize model.safetensors --exclude 'lm_head.*' --dry-run
-      qz quantize model.safetensors --target-sqnr 40
-      qz quantize llama-3-8b/ --format compressed-tensors --per-channel
+      qz quantize llama-3-8b/ --target-bits 4.5 --rule 'lm_head.weight=int8'
+      qz quantize llama-3-8b/ --format compressed-tensors --method fp8 --per-channel
     """
     chosen = [name for name, given in (("--block", block_size is not None),
                                         ("--per-channel", per_channel),
@@ -254,6 +341,7 @@ def quantize(
         raise click.UsageError(f"{targets[0]} chooses the granularity itself; drop {chosen[0]}")
     if target_bits is not None and bits != "8":
         raise click.UsageError("--target-bits chooses the bits itself; drop --bits")
+    report_file = JsonReport(json_target, force, [input_path])
     granularity = "channel" if per_channel else "tensor" if per_tensor else None
     scheme = FORMATS[format_name].scheme(method, granularity, block_size, clip, int(bits))
     with _progress_for(quiet or dry_run) as progress:
@@ -264,50 +352,52 @@ def quantize(
             tensor_parallel=tensor_parallel, hash_source=not no_hash,
             progress=progress,
         )
-    document = render.quantize_json(report)
-    if json_target == "-":
-        click.echo(render.dump_json(document))
-        return
-    if json_target:
-        Path(json_target).write_text(render.dump_json(document) + "\n", encoding="utf-8")
-    if not quiet:
+    report_file.write(render.quantize_json(report))
+    if not quiet and not report_file.to_stdout:
         console = _stdout_console()
-        console.print(render.quantize_table(report))
+        shown = None if report.dry_run else _shown_worst(worst, show_all, len(report.tensors))
+        console.print(render.quantize_table(report, console.width, shown))
         console.print(render.quantize_summary(report))
 
 
-@qz.command()
+@qz.command(short_help="Show what a checkpoint holds, from its headers.")
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@json_option
+@click.option("--force", is_flag=True, help="Replace an existing JSON file.")
 @reports_errors
-def inspect(input_path: Path, as_json: bool) -> None:
+def inspect(input_path: Path, json_target: str | None, force: bool) -> None:
     """Show what INPUT holds, from its headers: tensors, dtypes, shapes, sizes, which
     tensors are quantized and how (in any format qz reads), metadata and totals.
 
     \b
     Example:
       qz inspect model.int8.safetensors
+      qz inspect llama-3-8b-int8/ --json
     """
+    report_file = JsonReport(json_target, force, [input_path])
     report = inspect_checkpoint(input_path)
-    if as_json:
-        click.echo(render.dump_json(render.inspect_json(report)))
-    else:
-        _stdout_console().print(render.inspect_table(report))
+    report_file.write(render.inspect_json(report))
+    if not report_file.to_stdout:
+        console = _stdout_console()
+        console.print(render.inspect_table(report, console.width))
 
 
-@qz.command()
+@qz.command(short_help="Turn a quantized checkpoint back into floats.")
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(),  # a str: "DIR/" keeps its slash
               help="Output file or folder (DIR/ or an existing folder means a folder). "
                    "Default: beside INPUT; a model folder gives NAME.dequant/, a file "
                    "NAME.dequant.safetensors.")
 @click.option("--dtype", type=click.Choice(["original", *OUTPUT_DTYPES]), default="original",
-              show_default=True, help="Dtype of the restored tensors.")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+              show_default=True,
+              help="Dtype of the restored tensors. Tensors that were never quantized "
+                   "(norms, biases, integers) keep their dtype and bytes.")
+@json_option
+@click.option("--force", is_flag=True, help="Replace an existing output (and JSON file).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @reports_errors
-def dequantize(input_path: Path, output: str | None, dtype: str, force: bool,
-               quiet: bool) -> None:
+def dequantize(input_path: Path, output: str | None, dtype: str, json_target: str | None,
+               force: bool, quiet: bool) -> None:
     """Turn a quantized INPUT (in any format qz writes) back into a float checkpoint: the
     original tensor names, shapes and dtypes, a drop-in replacement.
 
@@ -315,38 +405,58 @@ def dequantize(input_path: Path, output: str | None, dtype: str, force: bool,
     Example:
       qz dequantize model.int8.safetensors -o model.restored.safetensors
     """
+    report_file = JsonReport(json_target, force, [input_path])
     with _progress_for(quiet) as progress:
         report = dequantize_checkpoint(input_path, output, dtype, force=force,
                                        progress=progress)
-    if not quiet:
+    report_file.write(render.dequantize_json(report))
+    if not quiet and not report_file.to_stdout:
         _stdout_console().print(render.dequantize_summary(report))
 
 
-@qz.command()
+@qz.command(short_help="Compare two checkpoints, tensor by tensor.")
 @click.argument("a", metavar="A", type=click.Path(path_type=Path))
 @click.argument("b", metavar="B", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("--fail-under", type=float, metavar="DB",
+              help="Exit with status 3 if a floating tensor's SQNR is below DB, or if the "
+                   "checkpoints differ otherwise (names, shapes, integer tensors). "
+                   "'--fail-under inf' passes only identical checkpoints.")
+@json_option
+@table_options
+@click.option("--force", is_flag=True, help="Replace an existing JSON file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
 @reports_errors
-def diff(a: Path, b: Path, as_json: bool) -> None:
+def diff(a: Path, b: Path, fail_under: float | None, json_target: str | None,
+         worst: int | None, show_all: bool, force: bool, quiet: bool) -> None:
     """Compare checkpoint B with checkpoint A, tensor by tensor.
 
     Either may be a float checkpoint or a quantized one (dequantized on the fly), a
-    file, an index or a folder. Prints the error of B against A for every tensor both
-    hold with the same shape, and lists the names and shapes that differ.
+    file, an index or a folder. Prints the error of B against A for every floating
+    tensor both hold with the same shape, compares the others exactly, and lists the
+    names and shapes that differ.
 
     \b
     Examples:
       qz diff model.safetensors model.int8.safetensors
+      qz diff model.safetensors model.int8.safetensors --fail-under 40
       qz diff model.int8.safetensors model.affine.int8.safetensors --json
     """
-    report = diff_checkpoints(a, b)
-    if as_json:
-        click.echo(render.dump_json(render.diff_json(report)))
-    else:
-        _stdout_console().print(render.diff_view(report))
+    report_file = JsonReport(json_target, force, [a, b])
+    with _progress_for(quiet) as progress:
+        report = diff_checkpoints(a, b, progress=progress)
+    failures = [] if fail_under is None else render.diff_failures(report, fail_under)
+    report_file.write(render.diff_json(report, fail_under, failures))
+    if not quiet and not report_file.to_stdout:
+        console = _stdout_console()
+        console.print(render.diff_view(report, console.width,
+                                       _shown_worst(worst, show_all, len(report.compared))))
+    if failures:
+        click.echo(f"qz diff: {'; '.join(failures)}", err=True)
+        sys.exit(EXIT_BELOW_THRESHOLD)
 
 
-@qz.command(context_settings={"ignore_unknown_options": True})
+@qz.command(context_settings={"ignore_unknown_options": True},
+            short_help="Show step by step how a few values are quantized.")
 @click.argument("values", nargs=-1, required=True, metavar="VALUES...")
 @click.option("--method", type=click.Choice(INTEGER_METHODS), default="absmax",
               show_default=True, help="absmax: symmetric. affine: with a zero point.")
@@ -370,9 +480,17 @@ def explain(values: tuple[str, ...], method: str, bits: str, block_size: int | N
     numbers = []
     for text in (part for value in values for part in value.split(",") if part):
         try:
-            numbers.append(float(text))
+            number = float(text)
         except ValueError:
+            if text.startswith("-") and not text[1:2].isdigit():
+                # Unknown options reach VALUES, so that negative numbers do too.
+                raise click.NoSuchOption(text.split("=")[0], possibilities=[
+                    "--method", "--bits", "--block"]) from None
             raise click.BadParameter(f"{text!r} is not a number", param_hint="VALUES") from None
+        if not math.isfinite(number):
+            raise click.BadParameter(f"{text!r} is not a finite number: qz refuses NaN and "
+                                     "infinity (DESIGN §1)", param_hint="VALUES")
+        numbers.append(number)
     # The tutorial's rule: the full range of each group, never clipped.
     scheme = Scheme(method, "block" if block_size else "tensor",  # type: ignore[arg-type]
                     block_size, clip="none", bits=int(bits))

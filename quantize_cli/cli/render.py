@@ -13,7 +13,8 @@ import json
 import math
 import os
 import unicodedata
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 from rich.console import Console, Group
@@ -63,9 +64,149 @@ def _name(value: str) -> Text:
     return Text(display_text(value))
 
 
-def _name_width(tensors: Any) -> int:
-    """Keep tensor names on one line where they fit: they matter more than the numbers."""
-    return min(max((len(display_text(t.name)) for t in tensors), default=6), 36)
+# ----------------------------------------------------------- tables that fit the width
+
+#: What a column holds decides how it gives way on a narrow terminal: numbers never
+#: (they are shown whole or their column is dropped), names are shortened in the middle
+#: (the end says which weight, the start which layer), text is cut at the end.
+Kind = Literal["name", "number", "text"]
+NAME_MINIMUM, NAME_ENOUGH, TEXT_MINIMUM = 16, 28, 10
+
+
+@dataclass
+class Column:
+    """A column of a table that fits the terminal: ``drop`` orders the columns that may
+    go when even shortened names and text do not fit (the highest first; 0: never);
+    ``shortest`` is how narrow names and text may become."""
+
+    header: str
+    kind: Kind
+    drop: int = 0
+    justify: Literal["left", "right"] = "left"
+    shortest: int | None = None
+    cells: list[str | Text] = field(default_factory=list)
+
+    def natural(self) -> int:
+        """The widest cell, or the header if wider: a short one whole, a long one at
+        its longest word (it wraps)."""
+        header = max((len(word) for word in self.header.split()), default=0)
+        if len(self.header) <= 8:
+            header = len(self.header)
+        return max([header, *(len(cell) for cell in self.cells)])
+
+    def minimum(self, roomy_names: bool = True) -> int:
+        """How narrow the column may become. With ``roomy_names``, names keep the width
+        at which their initials tell them apart (within bounds)."""
+        if self.kind == "number":
+            return self.natural()
+        if self.kind == "name":
+            initials = max((len(shorten_name(str(cell), 0, ellipsis=False))
+                            for cell in self.cells), default=0) if roomy_names else 0
+            return min(self.natural(), max(NAME_MINIMUM, min(initials, NAME_ENOUGH)))
+        return min(self.natural(), self.shortest or TEXT_MINIMUM)
+
+
+def shorten_name(name: str, width: int, ellipsis: bool = True) -> str:
+    """A tensor name in at most ``width`` characters: the words of its leading parts
+    become their initials, from the left (layer numbers and the last two parts stay, as
+    they tell the tensors apart), then the middle gives way to an ellipsis.
+
+    >>> shorten_name("model.layers.11.self_attn.q_proj.weight", 24)
+    'm.l.11.s.q_proj.weight'
+    >>> shorten_name("model.layers.11.self_attn.q_proj.weight", 16)
+    'm.l.11.…j.weight'
+    """
+    if len(name) <= width:
+        return name
+    parts = name.split(".")
+    for index in range(len(parts) - 2):
+        if not parts[index].isdigit() and len(parts[index]) > 1:
+            parts[index] = parts[index][0]
+            if len(".".join(parts)) <= width:
+                return ".".join(parts)
+    return shorten_middle(".".join(parts), width) if ellipsis else ".".join(parts)
+
+
+def shorten_middle(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, the middle replaced by an ellipsis.
+
+    >>> shorten_middle("model.layers.11.self_attn.q_proj.weight", 24)
+    'model.layer…_proj.weight'
+    """
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+
+
+def _shorten_end(cell: str | Text, width: int) -> str | Text:
+    if len(cell) <= width:
+        return cell
+    text = cell if isinstance(cell, Text) else Text(cell)
+    text = text.copy()
+    text.truncate(width, overflow="ellipsis")
+    return text
+
+
+#: Columns with ``drop`` up to this go only once names are as short as they may be.
+ESSENTIAL = 2
+
+
+def fitted_table(columns: list[Column], width: int, **options: Any) -> Table:
+    """A table of ``columns`` no wider than ``width``: text and names shortened to their
+    minimum first, then columns dropped by ``drop`` (the essential ones only once names
+    are at their shortest), then the space left given back to names and text. Numbers
+    are never cut.
+
+    >>> table = fitted_table([Column("Tensor", "name", cells=["a" * 40]),
+    ...                       Column("SQNR dB", "number", justify="right", cells=["42.10"])], 30)
+    >>> [column.header for column in table.columns], table.columns[0].width
+    (['Tensor', 'SQNR dB'], 16)
+    """
+    shown = list(columns)
+
+    def overhead(count: int) -> int:
+        return 3 * count + 1  # borders and padding of a boxed table
+
+    def needed(roomy_names: bool) -> int:
+        return sum(c.minimum(roomy_names) for c in shown) + overhead(len(shown))
+
+    for roomy_names, keep in ((True, ESSENTIAL), (False, ESSENTIAL), (False, 0)):
+        while needed(roomy_names) > width and any(c.drop > keep for c in shown):
+            shown.remove(max((c for c in shown if c.drop > keep), key=lambda c: c.drop))
+        if needed(roomy_names) <= width:
+            break
+    widths = {id(c): c.minimum(roomy_names) for c in shown}
+    spare = width - overhead(len(shown)) - sum(widths.values())
+    for kind in ("name", "text"):  # names first: they say which tensor
+        for column in shown:
+            if column.kind == kind and spare > 0:
+                grow = min(spare, column.natural() - widths[id(column)])
+                widths[id(column)] += grow
+                spare -= grow
+    if spare < 0:  # even the columns that never go do not fit: names give way to numbers
+        for column in shown:
+            if column.kind == "name":
+                widths[id(column)] = max(1, widths[id(column)] + spare)
+    table = Table(**options)
+    for column in shown:
+        # Cells are made to fit below, so only a header ever wraps (at its spaces).
+        table.add_column(column.header, justify=column.justify, width=widths[id(column)])
+    for index in range(len(columns[0].cells) if columns else 0):
+        cells: list[str | Text] = []
+        for column in shown:
+            cell, column_width = column.cells[index], widths[id(column)]
+            if column.kind == "name":
+                plain = cell.plain if isinstance(cell, Text) else cell
+                cells.append(Text(shorten_name(plain, column_width)))
+            elif column.kind == "text":
+                cells.append(_shorten_end(cell, column_width))
+            else:
+                cells.append(cell)
+        table.add_row(*cells)
+    return table
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -74,6 +215,12 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def _db(value: float) -> str:
     return "exact" if math.isinf(value) and value > 0 else f"{value:.2f}"
+
+
+def _sqnr(value: float) -> str:
+    """An SQNR in a sentence: "42.10 dB", or "exact"."""
+    text = _db(value)
+    return text if text == "exact" else f"{text} dB"
 
 
 def _stats_cells(stats: ErrorStats) -> tuple[str, str, str, str]:
@@ -113,41 +260,49 @@ def stats_json(stats: ErrorStats | None) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- quantize
 
 
-def quantize_table(report: QuantizeReport) -> Table:
-    """Per-tensor table: scheme (or why copied) and the error statistics."""
-    title = "Plan (dry run)" if report.dry_run else "Quantization error per tensor"
-    table = Table(title=title, title_justify="left", show_lines=False)
-    # No minimum width: on a narrow terminal names fold rather than numbers being cut.
-    table.add_column("Tensor", overflow="fold")
-    table.add_column("Shape", no_wrap=True)
-    table.add_column("Dtype", no_wrap=True)
-    table.add_column("Scheme" if report.dry_run else "Scheme / reason")
+def quantize_table(report: QuantizeReport, width: int, worst: int | None = None) -> Table:
+    """Per-tensor table that fits ``width``: scheme (or why copied) and the error
+    statistics; with ``worst``, only that many quantized tensors, lowest SQNR first."""
+    shown = report.tensors if worst is None else report.worst(worst)
     if report.dry_run:
-        table.add_column("Reason")
-        table.add_column("Size before", justify="right")
-        table.add_column("Size after", justify="right")
-        table.add_column("Bits/weight", justify="right")
+        title = "Plan (dry run)"
+    elif worst is None:
+        title = "Quantization error per tensor"
     else:
-        for heading in ("MSE", "Max abs err", "SQNR dB", "Cosine"):
-            table.add_column(heading, justify="right")
-    for tensor in report.tensors:
-        dtype = f"{tensor.dtype}→{_precision(tensor.scheme)}" if tensor.scheme else tensor.dtype
-        label = tensor.scheme.describe() if tensor.scheme else "copied"
+        title = (f"The {len(shown)} tensors of lowest SQNR, of {len(report.quantized)} "
+                 "quantized (--all shows every tensor)")
+    tensor = Column("Tensor", "name")
+    if report.dry_run:
+        columns = [tensor, Column("Shape", "number", drop=5), Column("Dtype", "number", drop=3),
+                   Column("Scheme", "text", drop=2, shortest=16),
+                   Column("Reason", "text", drop=6, shortest=12),
+                   Column("Size before", "number", drop=7, justify="right"),
+                   Column("Size after", "number", drop=4, justify="right"),
+                   Column("Bits/weight", "number", justify="right")]
+    else:
+        columns = [tensor, Column("Shape", "number", drop=6), Column("Dtype", "number", drop=4),
+                   Column("Scheme / reason", "text", drop=2, shortest=16),
+                   Column("MSE", "number", drop=7, justify="right"),
+                   Column("Max abs err", "number", drop=8, justify="right"),
+                   Column("SQNR dB", "number", justify="right"),
+                   Column("Cosine", "number", drop=5, justify="right")]
+    for row in shown:
+        cells: list[str | Text] = [
+            display_text(row.name), _shape(row.shape),
+            f"{row.dtype}→{_precision(row.scheme)}" if row.scheme else row.dtype]
+        label = row.scheme.describe() if row.scheme else "copied"
         if report.dry_run:
-            table.add_row(_name(tensor.name), _shape(tensor.shape), dtype, label,
-                          _name(tensor.reason), decimal(tensor.input_bytes),
-                          decimal(tensor.output_bytes), f"{tensor.bits_per_weight:.2f}")
-        elif tensor.scheme is None:
-            table.add_row(_name(tensor.name), _shape(tensor.shape), dtype,
-                          Text(f"copied: {display_text(tensor.reason)}", style="dim"),
-                          "", "", "", "")
-        elif tensor.stats is None:
-            table.add_row(_name(tensor.name), _shape(tensor.shape), dtype, label,
-                          "", "", "", "")
+            cells += [label, display_text(row.reason), decimal(row.input_bytes),
+                      decimal(row.output_bytes), f"{row.bits_per_weight:.2f}"]
+        elif row.scheme is None:
+            cells += [Text(f"copied: {display_text(row.reason)}", style="dim"), "", "", "", ""]
+        elif row.stats is None:
+            cells += [label, "", "", "", ""]
         else:
-            table.add_row(_name(tensor.name), _shape(tensor.shape), dtype, label,
-                          *_stats_cells(tensor.stats))
-    return table
+            cells += [label, *_stats_cells(row.stats)]
+        for column, cell in zip(columns, cells, strict=True):
+            column.cells.append(cell)
+    return fitted_table(columns, width, title=title, title_justify="left")
 
 
 def quantize_summary(report: QuantizeReport) -> Group:
@@ -170,12 +325,12 @@ def quantize_summary(report: QuantizeReport) -> Group:
     measured = any(t.stats is not None for t in report.quantized)
     if not report.dry_run and measured:
         pooled = report.pooled_stats
-        lines.append(Text(f"Pooled: SQNR {_db(pooled.sqnr_db)} dB, MSE {pooled.mse:.3g}, "
+        lines.append(Text(f"Pooled: SQNR {_sqnr(pooled.sqnr_db)}, MSE {pooled.mse:.3g}, "
                           f"max abs error {pooled.max_abs_error:.3g}, "
                           f"cosine {pooled.cosine_similarity:.6f}"))
         worst = report.worst()
         if worst:
-            listed = ", ".join(f"{display_text(t.name)} ({_db(t.stats.sqnr_db)} dB)"  # type: ignore[union-attr]
+            listed = ", ".join(f"{display_text(t.name)} ({_sqnr(t.stats.sqnr_db)})"  # type: ignore[union-attr]
                                for t in worst)
             lines.append(Text(f"Worst: {listed}"))
     lines += _folder_lines(report.folder)
@@ -271,22 +426,22 @@ def _stored_as(tensor: InspectedTensor) -> str:
     return f"{tensor.role.replace('_', ' ')} of {display_text(tensor.of or '')}"
 
 
-def inspect_table(report: InspectReport) -> Group:
-    table = Table()
-    table.add_column("Tensor", overflow="fold", min_width=_name_width(report.tensors))
+def inspect_table(report: InspectReport, width: int) -> Group:
+    columns = [Column("Tensor", "name")]
     if report.sharded:
-        table.add_column("Shard", overflow="fold")
-    table.add_column("Dtype")
-    table.add_column("Shape")
-    table.add_column("Size", justify="right")
-    table.add_column("Stored as")
+        columns.append(Column("Shard", "name", drop=5))
+    columns += [Column("Dtype", "number", drop=3), Column("Shape", "number", drop=5),
+                Column("Size", "number", drop=4, justify="right"),
+                Column("Stored as", "text", drop=1, shortest=22)]
     for tensor in report.tensors:
-        cells: list[Any] = [_name(tensor.name)]
+        cells: list[str | Text] = [display_text(tensor.name)]
         if report.sharded:
-            cells.append(_name(tensor.shard or ""))
+            cells.append(display_text(tensor.shard or ""))
         cells += [tensor.dtype, _shape(tensor.shape), decimal(tensor.nbytes),
-                  Text(_stored_as(tensor))]
-        table.add_row(*cells)
+                  _stored_as(tensor)]
+        for column, cell in zip(columns, cells, strict=True):
+            column.cells.append(cell)
+    table = fitted_table(columns, width)
     described = "not quantized"
     if report.format is not None:
         version = f" {report.format_version}" if report.format_version else ""
@@ -341,6 +496,22 @@ def dequantize_summary(report: DequantizeReport) -> Group:
         f"Restored {restored} tensors, copied {len(report.tensors) - restored}; "
         f"wrote {display_text(str(report.output))} ({decimal(report.output_bytes)})"
     ))
+
+
+def dequantize_json(report: DequantizeReport) -> dict[str, Any]:
+    return {
+        "schema_version": JSON_SCHEMA_VERSION,
+        "command": "dequantize",
+        "input": str(report.source),
+        "output": str(report.output),
+        "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
+                     "action": "restore" if t.restored_from else "copy",
+                     "restored_from": scheme_json(t.restored_from)} for t in report.tensors],
+        "folder": folder_json(report.folder),
+        "totals": {"restored_tensors": sum(t.restored_from is not None for t in report.tensors),
+                   "copied_tensors": sum(t.restored_from is None for t in report.tensors),
+                   "output_bytes": report.output_bytes},
+    }
 
 
 def dump_json(document: dict[str, Any]) -> str:
@@ -409,7 +580,7 @@ def explain_view(explanation: Explanation) -> Group:
         largest = float(np.abs(group.errors).max()) if len(group.errors) else 0.0
         lines.append(Text(f"  largest error {largest:.3g} ≤ s/2 = {group.scale / 2:.3g}"))
     stats = explanation.stats
-    lines.append(Text(f"MSE {stats.mse:.3g}, SQNR {_db(stats.sqnr_db)} dB, "
+    lines.append(Text(f"MSE {stats.mse:.3g}, SQNR {_sqnr(stats.sqnr_db)}, "
                       f"cosine similarity {stats.cosine_similarity:.6f}"))
     return Group(*lines)
 
@@ -417,22 +588,37 @@ def explain_view(explanation: Explanation) -> Group:
 # ------------------------------------------------------------------------------- diff
 
 
-def diff_view(report: DiffReport) -> Group:
-    table = Table(title=f"{display_text(str(report.b))} against {display_text(str(report.a))}",
-                  title_justify="left")
-    table.add_column("Tensor", overflow="fold")
-    table.add_column("Shape", no_wrap=True)
-    table.add_column("A")
-    table.add_column("B")
-    for heading in ("MSE", "Max abs err", "SQNR dB", "Cosine"):
-        table.add_column(heading, justify="right")
-    for tensor in report.compared:
-        table.add_row(_name(tensor.name), _shape(tensor.shape), tensor.a, tensor.b,
-                      *_stats_cells(tensor.stats))
-    lines: list[Any] = [table]
+def diff_view(report: DiffReport, width: int, worst: int | None = None) -> Group:
+    """The comparison, fitted to ``width``; with ``worst``, only that many tensors, lowest
+    SQNR first."""
+    shown = report.compared if worst is None else report.worst(worst)
+    title = f"{display_text(str(report.b))} against {display_text(str(report.a))}"
+    if worst is not None:
+        title += (f": the {len(shown)} tensors of lowest SQNR, of {len(report.compared)} "
+                  "(--all shows every tensor)")
+    columns = [Column("Tensor", "name"), Column("Shape", "number", drop=5),
+               Column("A", "text", drop=6, shortest=12), Column("B", "text", drop=2,
+                                                                shortest=22),
+               Column("MSE", "number", drop=7, justify="right"),
+               Column("Max abs err", "number", drop=8, justify="right"),
+               Column("SQNR dB", "number", justify="right"),
+               Column("Cosine", "number", drop=4, justify="right")]
+    for tensor in shown:
+        cells = [display_text(tensor.name), _shape(tensor.shape), tensor.a, tensor.b,
+                 *_stats_cells(tensor.stats)]
+        for column, cell in zip(columns, cells, strict=True):
+            column.cells.append(cell)
+    table = fitted_table(columns, width, title=title, title_justify="left")
+    lines: list[Any] = [table] if report.compared else []
     pooled = report.pooled_stats
-    lines.append(Text(f"Compared {len(report.compared)} tensors: pooled SQNR "
-                      f"{_db(pooled.sqnr_db)} dB, max abs error {pooled.max_abs_error:.3g}"))
+    if report.compared:
+        lines.append(Text(f"Compared {len(report.compared)} floating tensors: pooled SQNR "
+                          f"{_sqnr(pooled.sqnr_db)}, max abs error "
+                          f"{pooled.max_abs_error:.3g}"))
+        lines.append(Text("Worst: " + ", ".join(
+            f"{display_text(t.name)} ({_sqnr(t.stats.sqnr_db)})" for t in report.worst())))
+    else:
+        lines.append(Text("No floating tensor in common to compare"))
     for label, names in (("Only in A", report.only_in_a), ("Only in B", report.only_in_b)):
         if names:
             lines.append(Text(f"{label}: " + ", ".join(display_text(n) for n in names)))
@@ -455,7 +641,29 @@ def diff_view(report: DiffReport) -> Group:
     return Group(*lines)
 
 
-def diff_json(report: DiffReport) -> dict[str, Any]:
+def diff_failures(report: DiffReport, fail_under: float) -> list[str]:
+    """Why the comparison fails ``qz diff --fail-under``: tensors below the SQNR, and
+    every other difference (empty: it passes)."""
+    failures = []
+    below = [t for t in report.worst(len(report.compared)) if t.stats.sqnr_db < fail_under]
+    if below:
+        listed = ", ".join(f"{display_text(t.name)} ({_sqnr(t.stats.sqnr_db)})"
+                           for t in below[:3])
+        more = f" and {len(below) - 3} more" if len(below) > 3 else ""
+        threshold = "exact" if math.isinf(fail_under) else f"{fail_under:g} dB"
+        failures.append(f"{len(below)} tensor{'s' if len(below) > 1 else ''} below "
+                        f"{threshold}: {listed}{more}")
+    others = [(len(report.only_in_a), "only in A"), (len(report.only_in_b), "only in B"),
+              (len(report.shape_mismatches), "with different shapes"),
+              (len(report.not_comparable), "not comparable"),
+              (sum(not t.equal for t in report.exact), "integer or other tensors differing")]
+    failures += [f"{count} tensor{'s' if count > 1 else ''} {what}"
+                 for count, what in others if count]
+    return failures
+
+
+def diff_json(report: DiffReport, fail_under: float | None = None,
+              failures: list[str] | None = None) -> dict[str, Any]:
     return {
         "schema_version": JSON_SCHEMA_VERSION,
         "command": "diff",
@@ -471,4 +679,7 @@ def diff_json(report: DiffReport) -> dict[str, Any]:
         "exact": [{"name": t.name, "shape": list(t.shape), "a": t.a, "b": t.b,
                    "differing_elements": t.differing} for t in report.exact],
         "pooled": stats_json(report.pooled_stats),
+        # JSON has no infinity: "--fail-under inf" is recorded as the string "inf".
+        "fail_under": "inf" if fail_under == math.inf else fail_under,
+        "failures": failures or [],
     }

@@ -53,16 +53,18 @@ def data_order(tensors: Iterable[PlannedTensor]) -> list[PlannedTensor]:
     return sorted(tensors, key=lambda tensor: (-alignment(tensor.dtype), tensor.name))
 
 
-def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None:
+def check_output_path(output: Path, inputs: Iterable[Path], force: bool,
+                      option: str = "-o") -> None:
     """Refuse an output that is an input, a directory, in a missing folder, or that
-    exists without ``force`` — before any work is done."""
+    exists without ``force`` — before any work is done. ``option`` is what the hints
+    name as the way to choose another path."""
     for source in inputs:
         if output.exists() and os.path.samefile(output, source):
             raise OutputError(located(output, None, "output would overwrite the input"),
-                              hint="choose another path with -o")
+                              hint=f"choose another path with {option}")
     if output.is_dir():
         raise OutputError(located(output, None, "is a directory"),
-                          hint="give a file name with -o")
+                          hint=f"give a file name with {option}")
     if not output.parent.is_dir():
         raise OutputError(located(output, None, f"directory {str(output.parent)!r} does "
                                   "not exist"))
@@ -383,3 +385,37 @@ class StagedFolder:
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
         _fsync_directory(self.target.parent)
+
+
+def write_file(target: Path, data: bytes) -> None:
+    """Write a small file (a JSON report) all or nothing: to a hidden file beside
+    ``target``, fsynced, then renamed into place, replacing what was there.
+
+    Raises:
+        OutputError: it cannot be written.
+    """
+    temp_paths: list[Path] = []
+
+    def record(path: Path) -> None:  # only the last name tried is ours
+        temp_paths[:] = [path]
+
+    try:
+        fd = _create_beside(target, record, directory=False)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp_paths[0], target)
+    except OSError as error:
+        for path in temp_paths:
+            path.unlink(missing_ok=True)
+        raise OutputError(located(target, None, f"cannot be written ({error.strerror})")) \
+            from None
+    except BaseException:
+        for path in temp_paths:
+            path.unlink(missing_ok=True)
+        raise
