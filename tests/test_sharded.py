@@ -158,7 +158,7 @@ def _break(sharded: Path, how: str) -> str:
                           "index's folder",
         "absolute path": "shard path '/etc/passwd' must be a file name",
         "not a string": "must be a file name in the index's folder",
-        "no weight_map": "invalid index file: weight_map must be an object",
+        "no weight_map": "is not a sharded checkpoint's index: it has no weight_map object",
         "listed but absent": "tensor 'ghost.weight': is mapped to shard",
     }[how]
 

@@ -100,8 +100,12 @@ def _read_index(index_path: Path) -> dict[str, Any]:
     index = loads_strict(text, "the index file",
                          lambda rule: CheckpointError(located(index_path, None, rule)))
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        model_config = isinstance(index, dict) and "model_type" in index
         raise CheckpointError(
-            located(index_path, None, "invalid index file: weight_map must be an object")
+            located(index_path, None, "is not a sharded checkpoint's index: it has no "
+                    "weight_map object (qz reads model.safetensors.index.json)"),
+            hint=("this is a model's config.json: to quantize the model, give its folder"
+                  if model_config else "give a .safetensors file, an index, or a model folder")
         )
     return index
 

@@ -87,6 +87,16 @@ def read_header_length(prefix: bytes, file_size: int, path: str | Path) -> int:
             hint="a safetensors file starts with an 8-byte header length",
         )
     (length,) = struct.unpack("<Q", prefix[:8])
+    if (length > MAX_HEADER_BYTES or 8 + length > file_size) and prefix[8:9] != b"{":
+        # Not a damaged safetensors file but something else (vocab.txt, a .bin, a pointer
+        # file): say what it looks like rather than quote a nonsense header length.
+        raise HeaderError(
+            located(path, None, f"is not a safetensors file: it starts with "
+                    f"{_looks_like(prefix)}, where a safetensors file has an 8-byte header "
+                    "length and then a JSON header"),
+            hint=_pointer_hint(prefix) or "qz reads .safetensors files, a sharded "
+            "checkpoint's model.safetensors.index.json, or a model folder holding either",
+        )
     if length == 0:
         raise HeaderError(located(path, None, "header is empty, expected a JSON object"))
     if length > MAX_HEADER_BYTES:
@@ -102,6 +112,22 @@ def read_header_length(prefix: bytes, file_size: int, path: str | Path) -> int:
             hint=_pointer_hint(prefix) or "the file may be truncated",
         )
     return int(length)
+
+
+def _looks_like(prefix: bytes) -> str:
+    """The start of a file, for an error message: as text when it is text.
+
+    >>> _looks_like(b"[PAD] [UNK] [CLS] [SEP]"), _looks_like(bytes(range(200, 216)))
+    ("the text '[PAD] [UNK] [CLS'", 'the bytes c8 c9 ca cb cc cd ce cf')
+    """
+    start = prefix[:16]
+    try:
+        text = start.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"the bytes {start[:8].hex(' ')}"
+    if all(char.isprintable() or char in "\n\r\t" for char in text):
+        return f"the text {text!r}"
+    return f"the bytes {start[:8].hex(' ')}"
 
 
 def _pointer_hint(prefix: bytes) -> str | None:

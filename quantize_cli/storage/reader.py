@@ -36,7 +36,9 @@ class SafetensorsReader:
         try:
             info = os.fstat(self._fd)
             self._identity = (info.st_size, info.st_mtime_ns)
-            prefix = self._pread(min(info.st_size, 8), 0)
+            # The length, and a few bytes more to say what the file is if it is no
+            # safetensors file.
+            prefix = self._pread(min(info.st_size, 24), 0)
             length = read_header_length(prefix, info.st_size, self.path)
             header_bytes = self._pread(length, 8)
             self.header: Header = parse_header(header_bytes, info.st_size, self.path)

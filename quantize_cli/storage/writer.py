@@ -265,7 +265,7 @@ class SafetensorsWriter:
         the data: catches a writer bug or a file system that lost bytes."""
         assert self._temp_path is not None
         size = os.fstat(self._fd).st_size
-        prefix = os.pread(self._fd, 8, 0)
+        prefix = os.pread(self._fd, 24, 0)
         length = read_header_length(prefix, size, self._temp_path)
         header = parse_header(os.pread(self._fd, length, 8), size, self._temp_path)
         planned = [(t.name, t.dtype, t.shape, *self._offsets[t.name]) for t in self.tensors]
