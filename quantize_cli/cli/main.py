@@ -66,22 +66,13 @@ def reports_errors(command: F) -> F:
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except OSError as error:
-            if error.errno == errno.EPIPE:
-                _stdout_closed()
+            if error.errno == errno.EPIPE:  # `qz … | head`: the job is done
+                render.leave_on_closed_output(sys.stdout)
             _internal_error(error)
         except Exception as error:  # a bug: one line, and the traceback on request
             _internal_error(error)
 
     return wrapper  # type: ignore[return-value]
-
-
-def _stdout_closed() -> None:
-    """The reader of stdout went away (``qz … | head``): the job is done and its files
-    are written, so this is no failure. Later writes (and the interpreter's final flush)
-    go to /dev/null, so that nothing complains on the way out."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    sys.exit(0)
 
 
 def _internal_error(error: Exception) -> None:
