@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,8 @@ from .header import Header, TensorEntry, parse_header, read_header_length
 
 #: Default size of one read when streaming a tensor (bytes of the stored dtype).
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+#: Makes the array a read fills, from its shape and dtype (``np.empty``, or a pool's).
+Allocator = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 
 class SafetensorsReader:
@@ -103,16 +105,19 @@ class SafetensorsReader:
         return numpy_dtype(entry.dtype).itemsize
 
     def read_rows(
-        self, entry: TensorEntry, row_shape: tuple[int, int], start: int, stop: int
+        self, entry: TensorEntry, row_shape: tuple[int, int], start: int, stop: int,
+        allocate: Allocator = np.empty,
     ) -> np.ndarray:
-        """Rows [start, stop) of the tensor's 2-D ``row_shape`` view, in its stored dtype."""
-        rows = np.empty((stop - start, row_shape[1]), dtype=numpy_dtype(entry.dtype))
+        """Rows [start, stop) of the tensor's 2-D ``row_shape`` view, in its stored dtype
+        (in an array from ``allocate``, which takes a shape and a dtype)."""
+        rows = allocate((stop - start, row_shape[1]), numpy_dtype(entry.dtype))
         self.read_into(entry, start * rows.itemsize * row_shape[1], rows)
         return rows
 
-    def read_bytes(self, entry: TensorEntry, start: int, stop: int) -> np.ndarray:
+    def read_bytes(self, entry: TensorEntry, start: int, stop: int,
+                   allocate: Allocator = np.empty) -> np.ndarray:
         """Bytes [start, stop) of the tensor's data, as uint8."""
-        piece = np.empty(stop - start, dtype=np.uint8)
+        piece = allocate((stop - start,), np.dtype(np.uint8))
         self.read_into(entry, start, piece)
         return piece
 
