@@ -39,7 +39,7 @@ def test_quantized_against_quantized_and_small_chunks(small_model: Path, tmp_pat
     chunked = diff_checkpoints(one, other, chunk_bytes=64)
     for a, b in zip(whole.compared, chunked.compared, strict=True):
         assert a.stats.count == b.stats.count
-        assert a.stats.sqnr_db == pytest.approx(b.stats.sqnr_db, rel=1e-9)
+        assert a.stats.sqnr_db == pytest.approx(b.stats.sqnr_db, rel=1e-6)  # float32 sums
     labels = {t.name: (t.a, t.b) for t in whole.compared}
     assert labels["a.weight"] == ("INT8 absmax channel (from BF16)",
                                   "INT8 affine block 32 (from BF16)")
