@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +58,50 @@ def test_every_command_is_documented() -> None:
     assert len(qz.commands) >= 5
     for command in qz.commands:
         assert f"### `qz {command}`" in README, command
+
+
+def console_sessions() -> list[tuple[str, list[str]]]:
+    """Every ``$ command`` of the README's console blocks, in order, with the lines it
+    shows below it."""
+    sessions: list[tuple[str, list[str]]] = []
+    for block in code_blocks("console"):
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                sessions.append((line[2:], []))
+            elif sessions:
+                sessions[-1][1].append(line.rstrip())
+    return sessions
+
+
+def shows(expected: list[str], actual: list[str]) -> bool:
+    """Whether ``actual`` is ``expected``, where a line "…" stands for any lines."""
+    if not expected:
+        return not actual
+    if expected[0] == "…":
+        return any(shows(expected[1:], actual[start:]) for start in range(len(actual) + 1))
+    return bool(actual) and actual[0] == expected[0] and shows(expected[1:], actual[1:])
+
+
+def test_every_readme_command_runs_as_written_and_prints_what_it_shows(tmp_path: Path) -> None:
+    """The README's transcripts are real: each command runs, in order, on a fresh copy of
+    the bundled samples, 120 columns wide, and prints exactly the lines shown (a line
+    "…" stands for lines left out)."""
+    # The samples as the repository holds them, without outputs of earlier runs.
+    samples = tmp_path / "sample_weights"
+    samples.mkdir()
+    for source in (ROOT / "sample_weights").iterdir():
+        original = source.suffix in (".py", ".safetensors") and source.name.count(".") == 1
+        if original or source.name in ("tiny_llama_sharded", "README.md"):
+            copy = shutil.copytree if source.is_dir() else shutil.copy2
+            copy(source, samples / source.name)
+    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
+    qz = f"{sys.executable} -m quantize_cli "
+    sessions = console_sessions()
+    assert len(sessions) >= 15
+    for command, expected in sessions:
+        result = subprocess.run(["bash", "-c", re.sub(r"^qz ", qz, command)], cwd=tmp_path,
+                                env=env, capture_output=True, text=True)
+        failure = any(line.startswith(("Error:", "qz diff:")) for line in expected)
+        assert (result.returncode != 0) == failure, (command, result.stderr)
+        actual = [line.rstrip() for line in (result.stdout + result.stderr).splitlines()]
+        assert shows(expected, actual), f"$ {command}\n" + "\n".join(actual)

@@ -180,7 +180,8 @@ def fitted_table(columns: list[Column], width: int, **options: Any) -> Table:
             break
     widths = {id(c): c.minimum(roomy_names) for c in shown}
     spare = width - overhead(len(shown)) - sum(widths.values())
-    for kind in ("name", "text"):  # names first: they say which tensor
+    # Text first: names already have the width at which their initials tell them apart.
+    for kind in ("text", "name"):
         for column in shown:
             if column.kind == kind and spare > 0:
                 grow = min(spare, column.natural() - widths[id(column)])

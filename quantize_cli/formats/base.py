@@ -129,8 +129,11 @@ class Codec(ABC):
             block_size = block_size or default.block_size or Scheme().block_size
         return Scheme(method or default.method, chosen, block_size, clip, bits)  # type: ignore[arg-type]
 
-    def output_suffix(self, scheme: Scheme) -> str:
-        """The suffix of default output names: ``int8``, ``ct-int4``, ``mlx-int8``, …"""
+    def output_suffix(self, scheme: Scheme, target_bits: float | None = None) -> str:
+        """The suffix of default output names: ``int8``, ``ct-int4``, ``mlx-int8``, …, and
+        ``4.5bit`` for the mixed schemes of ``--target-bits 4.5``."""
+        if target_bits is not None:
+            return f"{self.suffix}{target_bits:g}bit"
         return self.suffix + ("fp8" if scheme.method == "fp8" else f"int{scheme.bits}")
 
     def check_scheme(self, scheme: Scheme) -> None:  # noqa: B027 - most formats store any

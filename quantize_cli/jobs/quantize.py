@@ -88,7 +88,7 @@ def quantize_checkpoint(
                           f"not to {codec.name}")
     checkpoint = open_checkpoint(source)
     _refuse_quantized(checkpoint)
-    output_plan = outputs.plan_output(checkpoint, output, codec.output_suffix(scheme),
+    output_plan = outputs.plan_output(checkpoint, output, codec.output_suffix(scheme, target_bits),
                                       codec.folder_output)
     config = outputs.model_config(checkpoint)
     deployment = Deployment(tensor_parallel, config)
