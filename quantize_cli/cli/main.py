@@ -148,6 +148,15 @@ MANY_TENSORS = 50
 WORST_SHOWN = 20
 
 
+def output_option(suffix: str) -> Callable[[F], F]:
+    """``-o/--output``, naming the default output ``NAME.<suffix>``."""
+    return click.option(
+        "-o", "--output", type=click.Path(),  # a str: "DIR/" keeps its slash
+        help=f"Output file or folder (DIR/ or an existing folder means a folder). Default: "
+             f"beside INPUT; a model folder gives NAME.{suffix}/, a file "
+             f"NAME.{suffix}.safetensors.")
+
+
 def json_option(command: F) -> F:
     """``--json [FILE|-]``, the same on every command."""
     return click.option(
@@ -222,10 +231,7 @@ def qz() -> None:
 
 @qz.command(short_help="Quantize a checkpoint or model folder.")
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(),  # a str: "DIR/" keeps its slash
-              help="Output file or folder (DIR/ or an existing folder means a folder). "
-                   "Default: beside INPUT; a model folder gives NAME.int8/, a file "
-                   "NAME.int8.safetensors.")
+@output_option("int8")
 @click.option("--method", type=click.Choice(METHODS), default=None,
               help="absmax: symmetric, s = max|x|/127 (/7 at 4 bits). affine: asymmetric, "
                    "with a zero point (a float offset in MLX). fp8: FP8 E4M3 values, "
@@ -375,10 +381,7 @@ def inspect(input_path: Path, json_target: str | None, force: bool) -> None:
 
 @qz.command(short_help="Turn a quantized checkpoint back into floats.")
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(),  # a str: "DIR/" keeps its slash
-              help="Output file or folder (DIR/ or an existing folder means a folder). "
-                   "Default: beside INPUT; a model folder gives NAME.dequant/, a file "
-                   "NAME.dequant.safetensors.")
+@output_option("dequant")
 @click.option("--dtype", type=click.Choice(["original", *OUTPUT_DTYPES]), default="original",
               show_default=True,
               help="Dtype of the restored tensors. Tensors that were never quantized "

@@ -77,13 +77,7 @@ def quantize_fp8_rows(
         return view_stats(values[tile], error, float(np.abs(tile_scale).max(initial=0.0)))
 
     error_parts = map_tiles(work, row_count, tile_rows(columns)) if values.size else []
-    stats = None
-    if with_stats:
-        stats = ErrorStats()
-        for part in error_parts:
-            if part is not None:
-                stats = stats.merge(part)
-    return codes, scale, stats
+    return codes, scale, ErrorStats.total(error_parts) if with_stats else None
 
 
 def _scale(magnitude: np.ndarray, dtype: np.dtype) -> npt.NDArray[np.float32]:

@@ -107,13 +107,7 @@ def quantize_offset_rows(rows: np.ndarray, scheme: Scheme, *,
         results = map_tiles(work, row_count, tile_rows(columns)) if rows.size else []
     except NonFiniteInTile:
         raise non_finite_error(rows) from None
-    stats = None
-    if with_stats:
-        stats = ErrorStats()
-        for item in results:
-            if item is not None:
-                stats = stats.merge(item)
-    return OffsetRows(codes, scale, bias, stats)
+    return OffsetRows(codes, scale, bias, ErrorStats.total(results) if with_stats else None)
 
 
 Candidate = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # codes, s, b, error

@@ -312,12 +312,7 @@ def quantize_rows(
         results = map_tiles(work, row_count, tile_rows(columns)) if rows.size else []
     except kernels.NonFiniteInTile:
         raise non_finite_error(rows) from None
-    stats = None
-    if with_stats:
-        stats = ErrorStats()
-        for item, _ in results:
-            if item is not None:
-                stats = stats.merge(item)
+    stats = ErrorStats.total(item for item, _ in results) if with_stats else None
     bounds = ((min(low for _, (low, _) in results), max(high for _, (_, high) in results))
               if results else None)
     return RowResult(codes=codes, scale=scale, zero_point=zero_point, stats=stats,

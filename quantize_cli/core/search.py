@@ -237,7 +237,7 @@ def _affine_float(values: np.ndarray, low: np.ndarray, high: np.ndarray, scheme:
     plain_scale, plain_zero = affine_qparams(low.astype(np.float32), high.astype(np.float32),
                                              scheme.bits)
     plain_scale = round_scale_up(plain_scale, storage.scale_dtype)
-    shrunk_scale = (high - low) * np.float32(AFFINE_SHRINK / scheme.levels)
+    shrunk_scale = _stored((high - low) * np.float32(AFFINE_SHRINK / scheme.levels), storage)
     # x̂ = s·(q − z) = s·q + b with b = −z·s; starts given as (scale, offset).
     starts = [(plain_scale, -plain_zero.astype(np.float32) * plain_scale),
               (shrunk_scale, low * np.float32(AFFINE_SHRINK) - lowest * shrunk_scale)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,19 @@ class ErrorStats:
             cross_energy=self.cross_energy + other.cross_energy,
             max_abs_error=max(self.max_abs_error, other.max_abs_error),
         )
+
+    @staticmethod
+    def total(parts: Iterable[ErrorStats | None]) -> ErrorStats:
+        """The statistics of all ``parts`` together (None parts count for nothing).
+
+        >>> ErrorStats.total([ErrorStats(count=2), None, ErrorStats(count=3)]).count
+        5
+        """
+        merged = ErrorStats()
+        for part in parts:
+            if part is not None:
+                merged = merged.merge(part)
+        return merged
 
     @property
     def mse(self) -> float:
@@ -128,7 +142,4 @@ def compare(original: np.ndarray, approximation: np.ndarray) -> ErrorStats:
             dequantized_energy=float(np.dot(x_hat, x_hat)), cross_energy=float(np.dot(x, x_hat)),
             max_abs_error=largest_error)
 
-    total = ErrorStats()
-    for stats in map_tiles(work, -(-flat_original.size // tile), 1):
-        total = total.merge(stats)
-    return total
+    return ErrorStats.total(map_tiles(work, -(-flat_original.size // tile), 1))

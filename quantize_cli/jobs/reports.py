@@ -123,11 +123,7 @@ class QuantizeReport:
     @property
     def pooled_stats(self) -> ErrorStats:
         """Statistics over every quantized value of the checkpoint together."""
-        pooled = ErrorStats()
-        for tensor in self.quantized:
-            if tensor.stats is not None:
-                pooled = pooled.merge(tensor.stats)
-        return pooled
+        return ErrorStats.total(tensor.stats for tensor in self.quantized)
 
     def worst(self, count: int = 3) -> list[TensorReport]:
         """The quantized tensors with the lowest SQNR."""
@@ -244,10 +240,7 @@ class DiffReport:
 
     @property
     def pooled_stats(self) -> ErrorStats:
-        pooled = ErrorStats()
-        for tensor in self.compared:
-            pooled = pooled.merge(tensor.stats)
-        return pooled
+        return ErrorStats.total(tensor.stats for tensor in self.compared)
 
     def worst(self, count: int = 3) -> list[TensorDifference]:
         """The compared tensors with the lowest SQNR."""
