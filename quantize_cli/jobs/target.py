@@ -38,10 +38,6 @@ class Candidate:
     output_bytes: int
     stats: ErrorStats  # of the round trip; empty (exact) when kept
 
-    @property
-    def label(self) -> str:
-        return "kept" if self.scheme is None else self.scheme.describe()
-
 
 def candidate_schemes(base: Scheme, codec: Codec, bit_widths: Sequence[int]) -> list[Scheme]:
     """The schemes of :data:`LADDER` at each of ``bit_widths`` (``base``'s method) that
