@@ -27,7 +27,7 @@ from .clip import search_factors
 from .params import absmax_scale, affine_qparams, qparams_from_range, round_scale_up
 from .scheme import Scheme
 from .search import PLAIN, Storage, search_groups
-from .stats import ErrorStats
+from .stats import FLOAT32_SAFE_MAGNITUDES, ErrorStats
 from .threads import scratch
 
 
@@ -169,16 +169,12 @@ def quantize_view(
     return view_stats(groups, error, float(np.max(scale)) if scale.size else 0.0)
 
 
-#: Sums of squares stay within float32 only for magnitudes between these: beyond them a
-#: tile's statistics are summed in float64 (rare: weights are not near 1e16 or 1e-15).
-_FLOAT32_SAFE_MAGNITUDES = (1e-15, 1e16)
-
-
 def view_stats(groups: np.ndarray, error: np.ndarray, largest_scale: float) -> ErrorStats:
     values = groups.reshape(-1)  # a copy only for the view of a short tail block
     flat_error = error.reshape(-1)
     magnitude = largest_scale * 256  # bounds |x| for both methods
-    if magnitude and not _FLOAT32_SAFE_MAGNITUDES[0] < magnitude < _FLOAT32_SAFE_MAGNITUDES[1]:
+    low, high = FLOAT32_SAFE_MAGNITUDES
+    if magnitude and not low < magnitude < high:
         values, flat_error = values.astype(np.float64), flat_error.astype(np.float64)
     signal = float(np.dot(values, values))
     error_energy = float(np.dot(flat_error, flat_error))

@@ -103,9 +103,10 @@ def error_stats(original: npt.ArrayLike, dequantized: npt.ArrayLike) -> ErrorSta
     )
 
 
-#: Squares and products of float32 values stay exact enough in float32 sums only for
-#: magnitudes between these; outside, a tile is summed in float64.
-_FLOAT32_SAFE = (1e-15, 1e16)
+#: Sums of squares and products of float32 values stay within float32 only for magnitudes
+#: between these: beyond them a tile's statistics are summed in float64 (rare: weights
+#: are not near 1e16 or 1e-15). The quantize kernels and :func:`compare` both use it.
+FLOAT32_SAFE_MAGNITUDES = (1e-15, 1e16)
 
 
 def compare(original: np.ndarray, approximation: np.ndarray) -> ErrorStats:
@@ -132,7 +133,7 @@ def compare(original: np.ndarray, approximation: np.ndarray) -> ErrorStats:
         largest_error = float(np.abs(error).max()) if error.size else 0.0
         largest = float(np.abs(x).max()) if x.size else 0.0
         error_energy = float(np.dot(error, error))
-        if not (_FLOAT32_SAFE[0] < largest < _FLOAT32_SAFE[1]) or (
+        if not (FLOAT32_SAFE_MAGNITUDES[0] < largest < FLOAT32_SAFE_MAGNITUDES[1]) or (
                 largest_error and not error_energy):
             x, x_hat = x.astype(np.float64), x_hat.astype(np.float64)
             error = x - x_hat

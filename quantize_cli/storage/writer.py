@@ -410,6 +410,7 @@ def write_file(target: Path, data: bytes) -> None:
         finally:
             os.close(fd)
         os.replace(temp_paths[0], target)
+        _fsync_directory(target.parent)
     except OSError as error:
         for path in temp_paths:
             path.unlink(missing_ok=True)
