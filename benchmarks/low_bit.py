@@ -68,7 +68,7 @@ def main() -> None:
             for clip in ("none", "mse", "weighted"):
                 scheme = Scheme(method, "block", 128, clip, bits=4)  # type: ignore[arg-type]
                 result = quantize_rows(x, scheme, storage=storage)
-                restored = dequantize_rows(result.codes, result.scale, result.zero_point,
+                restored = dequantize_rows(result,
                                            scheme)
                 seconds = best_time(partial(quantize_rows, x, scheme, storage=storage),
                                     args.repeat)

@@ -53,7 +53,8 @@ def test_inspect_json(runner: CliRunner, quantized: Path) -> None:
     assert tensors["a.weight"]["role"] == "codes"
     assert tensors["a.weight"]["stored_as"] == "INT8 affine block 64"
     assert tensors["a.weight"]["scheme"] == {"method": "affine", "granularity": "block",
-                                             "block": 64, "clip": "none", "bits": 8}
+                                             "block": 64, "clip": "none", "bits": 8,
+                                             "label": "INT8", "activations": None}
     assert tensors["a.weight"]["original_dtype"] == "BF16"
     assert tensors["a.weight_zero_point"] == {
         "name": "a.weight_zero_point", "dtype": "I8", "shape": [8, 3], "bytes": 24,
@@ -135,7 +136,7 @@ GOOD_ENTRY = json.dumps({"w": {"method": "absmax", "granularity": "channel", "bl
     "metadata,scale,fragment",
     [
         ({"qz.format_version": "99", "qz.tensors": GOOD_ENTRY}, ..., "unsupported qz format "
-         "version '99' (this qz reads 1 and 2)"),
+         "version '99' (this qz reads 1, 2 and 3)"),
         ({"qz.format_version": "1", "qz.tensors": "{oops"}, ..., "qz.tensors metadata is not "
          "valid JSON"),
         ({"qz.format_version": "1", "qz.tensors": '{"w": {"method": "absmax"}}'}, ...,

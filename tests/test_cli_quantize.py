@@ -85,7 +85,8 @@ def test_json_to_stdout(runner: CliRunner, small_model: Path) -> None:
     report = json.loads(stdout)
     assert report["command"] == "quantize" and report["dry_run"] is False
     assert report["scheme"] == {"method": "absmax", "granularity": "block", "block": 128,
-                                "clip": "none", "bits": 8}
+                                "clip": "none", "bits": 8, "label": "INT8",
+                                "activations": None}
     by_name = {t["name"]: t for t in report["tensors"]}
     assert by_name["norm.weight"]["action"] == "copy"
     assert by_name["norm.weight"]["reason"] == "1-D tensor"

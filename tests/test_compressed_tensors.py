@@ -20,7 +20,7 @@ SAMPLES = Path(__file__).resolve().parent.parent / "sample_weights"
     (["--method", "affine"], "affine is not supported"),
     (["--per-tensor"], "per tensor is not supported"),
     (["--block", "48"], "block 48 is not supported"),
-    (["--target-sqnr", "40"], "--target-sqnr cannot be combined"),
+    (["--method", "fp8", "--block", "64"], "FP8 block 64 is not supported"),
 ])
 def test_what_the_runtime_cannot_load_is_refused_up_front(tmp_path: Path, flags: list[str],
                                                           fragment: str) -> None:
@@ -49,8 +49,8 @@ def test_export_layout_config_and_ignore_list(tmp_path: Path) -> None:
     assert quantization["format"] == "pack-quantized"
     assert quantization["config_groups"]["group_0"]["weights"] == {
         "num_bits": 8, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64,
-        "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax",
-        "observer_kwargs": {}}
+        "dynamic": False, "actorder": None, "block_structure": None, "observer": None,
+        "observer_kwargs": {}, "scale_dtype": None, "zp_dtype": None}
     assert quantization["ignore"] == ["lm_head"] + [
         f"model.layers.{layer}.mlp.{name}" for layer in (0, 1)
         for name in ("down_proj", "gate_proj", "up_proj")]

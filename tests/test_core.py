@@ -208,10 +208,14 @@ def test_channel_granularity_needs_an_axis() -> None:
         quantize(np.float32(3.0), Scheme("absmax", "channel"))
 
 
-@pytest.mark.parametrize("bad", [0, -4, 3.5, True, None])
+@pytest.mark.parametrize("bad", [0, -4, 3.5, True])
 def test_block_size_must_be_a_positive_integer(bad: object) -> None:
     with pytest.raises(SchemeError, match="block size must be a positive integer"):
         Scheme("absmax", "block", bad)  # type: ignore[arg-type]
+
+
+def test_no_block_size_means_the_default_one() -> None:
+    assert Scheme("absmax", "block", None) == Scheme() and Scheme().block_size == 128
 
 
 def test_unknown_method_is_refused() -> None:

@@ -133,12 +133,12 @@ def test_read_error_names_file_and_tensor(runner: CliRunner, model: Path,
 
 def test_a_bug_is_one_line_not_a_traceback(runner: CliRunner, model: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from quantize_cli.formats.qz import QzFormat
+    from quantize_cli.jobs import tensor
 
     def broken(*args: object, **kwargs: object) -> None:
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(QzFormat, "quantize_rows", broken)
+    monkeypatch.setattr(tensor, "quantize_rows", broken)
     run_and_compare(runner, model.parent, ["quantize", str(model)], 1,
                     "Error: internal error: ZeroDivisionError: boom\nHint: this is a bug in qz")
     monkeypatch.setenv("QZ_TRACEBACK", "1")

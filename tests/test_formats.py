@@ -12,13 +12,20 @@ import numpy as np
 import pytest
 
 from conftest import raw_safetensors, write_safetensors
-from quantize_cli.core import Scheme, quantize_rows
+from quantize_cli.core import RowResult, Scheme, quantize_rows
 from quantize_cli.errors import QuantizedFormatError, SchemeError
-from quantize_cli.formats import FORMATS, Deployment, QuantizedWeight, codec_for, detect
+from quantize_cli.formats import (
+    FORMATS,
+    Deployment,
+    ModelFormat,
+    QuantizedWeight,
+    detect,
+    format_named,
+)
 from quantize_cli.storage.header import TensorEntry
 from quantize_cli.storage.reader import SafetensorsReader
 
-QZ, CT, MLX = codec_for("qz"), codec_for("compressed-tensors"), codec_for("mlx")
+QZ, CT, MLX = format_named("qz"), format_named("compressed-tensors"), format_named("mlx")
 ONE = Deployment()
 X = np.array([[1.6, -0.7, -3.4, 1.7, -2.9, 0.5, 2.3, 6.2]], dtype=np.float32)
 
@@ -32,16 +39,28 @@ def entry(name: str = "layer.weight", dtype: str = "F32",
 Stored = list[tuple[str, str, tuple[int, ...], str]]
 
 
+def quantized(fmt: ModelFormat, tensor: TensorEntry, rows: np.ndarray,
+              scheme: Scheme) -> RowResult:
+    """``rows`` quantized as ``fmt`` stores ``scheme``."""
+    storage = fmt.layout_for(scheme).storage(tensor.dtype, scheme)
+    return quantize_rows(rows, scheme, storage=storage, with_stats=True)
+
+
+def encoded(fmt: ModelFormat, tensor: TensorEntry, scheme: Scheme,
+            result: RowResult) -> dict[str, np.ndarray]:
+    return dict(fmt.layout_for(scheme).encode(tensor, scheme, result, 0))
+
+
 def stored(codec_name: str, scheme: Scheme, tensor: TensorEntry) -> Stored:
     return [(t.name, t.dtype, t.shape, t.role)
-            for t in codec_for(codec_name).stored_tensors(tensor, scheme)]
+            for t in format_named(codec_name).stored_tensors(tensor, scheme)]
 
 
 def test_registry_names_and_unknown_format() -> None:
     assert list(FORMATS) == ["qz", "compressed-tensors", "mlx"]
     with pytest.raises(SchemeError, match="unknown format 'gguf' \\(choose from qz, "
                                           "compressed-tensors, mlx\\)"):
-        codec_for("gguf")
+        format_named("gguf")
 
 
 # --------------------------------------------------------------------------------- qz
@@ -63,7 +82,7 @@ def test_qz_stored_tensors(scheme: Scheme, expected: Stored) -> None:
 def test_qz_encodes_codes_and_scales_of_each_chunk() -> None:
     scheme = Scheme("affine", "block", 4)
     result = quantize_rows(X, scheme)
-    pieces = dict(QZ.encode(entry(), scheme, result, first_row=0))
+    pieces = encoded(QZ, entry(), scheme, result)
     assert pieces["layer.weight"].tolist() == result.codes.tolist()
     assert pieces["layer.weight_scale"].shape == (1, 2)
     assert pieces["layer.weight_zero_point"].dtype == np.int8
@@ -72,9 +91,10 @@ def test_qz_encodes_codes_and_scales_of_each_chunk() -> None:
 def test_qz_per_tensor_scale_goes_with_the_first_rows_only() -> None:
     scheme = Scheme("absmax", "tensor", clip="none")
     result = quantize_rows(X, scheme)
-    assert [name for name, _ in QZ.encode(entry(), scheme, result, first_row=0)] == [
+    layout = QZ.layout_for(scheme)
+    assert [name for name, _ in layout.encode(entry(), scheme, result, first_row=0)] == [
         "layer.weight", "layer.weight_scale"]
-    assert [name for name, _ in QZ.encode(entry(), scheme, result, first_row=5)] == [
+    assert [name for name, _ in layout.encode(entry(), scheme, result, first_row=5)] == [
         "layer.weight"]
 
 
@@ -93,17 +113,17 @@ def test_qz_reads_back_what_it_encoded(tmp_path: Path) -> None:
     scheme = Scheme("affine", "channel")
     result = quantize_rows(X, scheme)
     metadata = QZ.shard_metadata({}, [QuantizedWeight(entry(), scheme)])
-    path = write_safetensors(tmp_path / "q.safetensors", dict(
-        QZ.encode(entry(), scheme, result, 0)), metadata)
+    path = write_safetensors(tmp_path / "q.safetensors", encoded(QZ, entry(), scheme, result),
+                             metadata)
     with SafetensorsReader(path) as reader:
         assert detect(reader.header) is QZ and QZ.version(reader.header) == "1"
         (weight,) = QZ.find(reader, None)
         assert (weight.name, weight.shape, weight.dtype, weight.scheme) == (
             "layer.weight", (1, 8), "F32", Scheme("affine", "channel"))
         assert weight.description == "INT8 affine channel"
-        rows = QZ.read_rows(reader, weight, 0, 1)
-    assert rows["codes"].tolist() == result.codes.tolist()
-    values = QZ.dequantize_rows(weight, rows, np.float32, path)
+        rows = weight.read_rows(reader, 0, 1)
+    assert rows.codes.tolist() == result.codes.tolist()
+    values = weight.dequantize_rows(rows, np.float32, path)
     # s = 9.6/255, z = -38: every value within s/2.
     assert np.abs(values - X).max() <= 9.6 / 255 / 2
 
@@ -119,8 +139,7 @@ def test_ct_stored_tensors_and_packed_bytes() -> None:
         ("l.weight_shape", "I64", (2,), "shape")]
     rows = np.array([[-1.0, -0.5, 0.0, 1.0]], np.float32)
     result = quantize_rows(rows, Scheme("absmax", "channel"))
-    pieces = dict(CT.encode(entry("l.weight", "F32", (1, 4)), Scheme("absmax", "channel"),
-                            result, 0))
+    pieces = encoded(CT, entry("l.weight", "F32", (1, 4)), Scheme("absmax", "channel"), result)
     # codes -127, -64, 0, 127 are stored as q + 128: 1, 64, 128, 255.
     assert pieces["l.weight_packed"].tolist() == [[1, 64, 128, 255]]
     assert pieces["l.weight_shape"].tolist() == [1, 4]
@@ -128,9 +147,8 @@ def test_ct_stored_tensors_and_packed_bytes() -> None:
 
 def test_ct_scales_are_rounded_up_to_the_weight_dtype() -> None:
     rows = (np.arange(256, dtype=np.float32).reshape(2, 128) - 100) / 7
-    result = CT.quantize_rows(entry("l.weight", "BF16", (2, 128)),
-                              rows.astype(ml_dtypes.bfloat16), Scheme("absmax", "channel"),
-                              tensor_range=None, with_stats=False)
+    result = quantized(CT, entry("l.weight", "BF16", (2, 128)),
+                       rows.astype(ml_dtypes.bfloat16), Scheme("absmax", "channel"))
     exact = np.abs(rows).max(axis=1, keepdims=True) / 127
     assert (result.scale >= exact).all()  # rounded up: no value needs clipping
     assert np.array_equal(result.scale.astype(ml_dtypes.bfloat16).astype(np.float32),
@@ -189,7 +207,8 @@ def test_ct_config_ignores_the_head_and_linear_weights_left_in_float() -> None:
     assert config is not None and config["model_type"] == "llama"
     quantization = config["quantization_config"]
     assert quantization["ignore"] == ["lm_head", "model.layers.0.mlp.down_proj"]
-    assert quantization["config_groups"]["group_0"]["weights"]["group_size"] == 128
+    # A scheme that is one of llm-compressor's presets gives its group that name.
+    assert quantization["config_groups"]["W8A16"]["weights"]["group_size"] == 128
     assert CT.model_config(None, Scheme(), [], []) is None  # no config.json: none is invented
 
 
@@ -211,8 +230,8 @@ def test_ct_reads_pack_quantized_and_int_quantized(tmp_path: Path) -> None:
         assert packed.description == "compressed-tensors pack-quantized INT8 absmax channel"
         assert (packed.shape, packed.dtype) == ((2, 4), "BF16")
         assert weights["i.weight"].scheme == Scheme("affine", "channel")
-        restored = {name: CT.dequantize_rows(weight, CT.read_rows(reader, weight, 0, 2),
-                                             np.float32, path)
+        restored = {name: weight.dequantize_rows(weight.read_rows(reader, 0, 2), np.float32,
+                                                 path)
                     for name, weight in weights.items()}
     assert restored["p.weight"].tolist() == [[-64.0, -0.5, 0.0, 63.5], [0.5, 1.0, 1.5, 2.0]]
     assert restored["i.weight"].tolist() == [[-64.5, -1.0, -0.5, 63.0], [0.0, 0.5, 1.0, 1.5]]
@@ -223,8 +242,8 @@ def test_a_qz_file_is_not_taken_for_compressed_tensors(tmp_path: Path) -> None:
     # the qz metadata decides, because detection tries qz first.
     scheme = Scheme("absmax", "channel")
     metadata = QZ.shard_metadata({}, [QuantizedWeight(entry(), scheme)])
-    path = write_safetensors(tmp_path / "q.safetensors", dict(
-        QZ.encode(entry(), scheme, quantize_rows(X, scheme), 0)), metadata)
+    path = write_safetensors(tmp_path / "q.safetensors",
+                             encoded(QZ, entry(), scheme, quantize_rows(X, scheme)), metadata)
     with SafetensorsReader(path) as reader:
         assert CT.recognises(reader.header) and detect(reader.header) is QZ
 
@@ -260,15 +279,17 @@ def test_mlx_stored_tensors_and_what_it_keeps() -> None:
                                                       scheme, ONE) or "")
     with pytest.raises(SchemeError, match="per channel is not supported"):
         MLX.check_scheme(Scheme("affine", "channel"))
+    with pytest.raises(SchemeError, match="MLX packs 2, 3, 4, 5, 6, 8 bits, not 7"):
+        MLX.check_scheme(Scheme("affine", "block", 64, bits=7))
 
 
 def test_mlx_round_trip_through_a_file(tmp_path: Path) -> None:
     rows = (np.random.default_rng(0).standard_normal((4, 128)) * 0.1).astype(ml_dtypes.bfloat16)
     tensor = entry("m.w.weight", "BF16", (4, 128))
     scheme = Scheme("affine", "block", 64)
-    result = MLX.quantize_rows(tensor, rows, scheme, tensor_range=None, with_stats=True)
+    result = quantized(MLX, tensor, rows, scheme)
     assert result.stats is not None and result.stats.sqnr_db > 40
-    pieces = dict(MLX.encode(tensor, scheme, result, 0))
+    pieces = encoded(MLX, tensor, scheme, result)
     pieces["m.w.weight"] = pieces["m.w.weight"].view(np.uint32)  # the codes, four to a word
     path = write_safetensors(tmp_path / "model.safetensors", pieces,
                              MLX.shard_metadata({"format": "pt"}, []))
@@ -279,8 +300,7 @@ def test_mlx_round_trip_through_a_file(tmp_path: Path) -> None:
         assert reader.header.metadata == {"format": "mlx"} and detect(reader.header) is MLX
         (weight,) = MLX.find(reader, config)
         assert (weight.name, weight.shape, weight.dtype) == ("m.w.weight", (4, 128), "BF16")
-        restored = MLX.dequantize_rows(weight, MLX.read_rows(reader, weight, 0, 4),
-                                       np.float32, path)
+        restored = weight.dequantize_rows(weight.read_rows(reader, 0, 4), np.float32, path)
     error = restored - rows.astype(np.float32)
     assert 10 * np.log10((rows.astype(np.float32) ** 2).sum() / (error ** 2).sum()) == \
         pytest.approx(result.stats.sqnr_db, abs=1e-4)

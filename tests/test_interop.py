@@ -100,16 +100,22 @@ def decompressed_by_compressed_tensors(exported: Path) -> dict[str, Any]:
     from compressed_tensors.quantization import QuantizationConfig
 
     config = json.loads((exported / "config.json").read_text())["quantization_config"]
-    scheme = QuantizationConfig.model_validate(config).config_groups["group_0"]
-    compressor = BaseCompressor.get_value_from_registry(config["format"])
-    names = compressor.compression_param_names(scheme)
+    groups = QuantizationConfig.model_validate(config).config_groups
     stored = tensors_of(exported)
     weights = {}
     for name in stored:
         if name.endswith(".weight_scale"):
-            module = name.removesuffix("weight_scale")
-            state = {part: stored[module + part] for part in names if module + part in stored}
-            weights[module + "weight"] = compressor.decompress(state, scheme)["weight"]
+            module = name.removesuffix(".weight_scale")
+            # The group that names the layer, else the one that targets every Linear.
+            (key,) = [key for key, group in groups.items() if module in group.targets] or [
+                key for key, group in groups.items() if "Linear" in group.targets]
+            scheme = groups[key]
+            compressor = BaseCompressor.get_value_from_registry(
+                config["config_groups"][key]["format"])
+            state = {part: stored[f"{module}.{part}"]
+                     for part in compressor.compression_param_names(scheme)
+                     if f"{module}.{part}" in stored}
+            weights[module + ".weight"] = compressor.decompress(state, scheme)["weight"]
     return weights
 
 

@@ -43,8 +43,8 @@ def test_scheme_rules_for_bits_and_fp8() -> None:
     assert Scheme(bits=4).describe() == "int4 absmax block 128, mse clip"
     assert Scheme("fp8", "block", 128).describe() == "fp8 block 128×128"
     assert Scheme("fp8", "block", 128).scale_shape((300, 256)) == (3, 2)
-    with pytest.raises(SchemeError, match="bits must be one of 4, 8"):
-        Scheme(bits=3)
+    with pytest.raises(SchemeError, match="bits must be one of 2, 3, 4, 5, 6, 7, 8"):
+        Scheme(bits=9)
     with pytest.raises(SchemeError, match="weighted search applies to blocks and channels"):
         Scheme(clip="weighted")
     with pytest.raises(SchemeError, match="fp8 takes no clip search"):
@@ -53,7 +53,7 @@ def test_scheme_rules_for_bits_and_fp8() -> None:
 
 def group_errors(x: np.ndarray, scheme: Scheme, storage: Storage) -> np.ndarray:
     result = quantize_rows(x, scheme, storage=storage)
-    restored = dequantize_rows(result.codes, result.scale, result.zero_point, scheme)
+    restored = dequantize_rows(result, scheme)
     error = (x.astype(np.float64) - restored) ** 2
     return np.concatenate([view.sum(axis=-1).ravel() for view, _ in group_views(error, scheme)])
 
@@ -156,7 +156,7 @@ def test_cli_4_bit_and_fp8_reports(small_model: Path, tmp_path: Path) -> None:
     four = json.loads(run_ok(CliRunner(), "quantize", str(small_model), "--bits", "4", "-o",
                              str(tmp_path / "q4.safetensors"), "--json", "-"))
     assert four["scheme"] == {"method": "absmax", "granularity": "block", "block": 128,
-                              "clip": "mse", "bits": 4}
+                              "clip": "mse", "bits": 4, "label": "INT4", "activations": None}
     assert four["output"].endswith("q4.safetensors")
     shown = run_ok(CliRunner(), "inspect", str(tmp_path / "q4.safetensors"))
     assert "INT4 absmax block 128, mse clip (from BF16)" in shown and "qz format 2" in shown

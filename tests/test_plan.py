@@ -7,11 +7,11 @@ import pytest
 
 from quantize_cli.core import Scheme
 from quantize_cli.errors import InputError
-from quantize_cli.formats import codec_for
+from quantize_cli.formats import format_named
 from quantize_cli.jobs.plan import MIN_ELEMENTS, plan_shard, plan_tensor, select
 from quantize_cli.storage.header import Header, TensorEntry
 
-QZ, CT = codec_for("qz"), codec_for("compressed-tensors")
+QZ, CT = format_named("qz"), format_named("compressed-tensors")
 
 
 def entry(name: str, dtype: str, shape: tuple[int, ...]) -> TensorEntry:

@@ -478,7 +478,7 @@ DAMAGED: list[tuple[str, Callable[[Path], Path], str]] = [
      "not a quantized checkpoint: no file is in a format qz reads"),
     ("I77-unknown-version", lambda p: qz_file(p, {"w": CODES, "w_scale": SCALE,
                                                   "w_zero_point": ZERO}, version="99"),
-     "unsupported qz format version '99' (this qz reads 1 and 2)"),
+     "unsupported qz format version '99' (this qz reads 1, 2 and 3)"),
     ("I78-tensors-not-json", lambda p: qz_file(p, {"w": CODES}, described="{oops"),
      "qz.tensors metadata is not valid JSON"),
     ("I78-tensors-not-object", lambda p: qz_file(p, {"w": CODES}, described="[1]"),

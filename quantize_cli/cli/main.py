@@ -32,9 +32,9 @@ from rich.table import Column
 
 from .. import __version__
 from ..core.explain import explain as explain_steps
-from ..core.scheme import CLIP_CHOICES, INTEGER_METHODS, METHODS, Scheme
+from ..core.scheme import ACTIVATIONS, BITS, CLIP_CHOICES, INTEGER_METHODS, METHODS, Scheme
 from ..errors import OutputError, QzError, located
-from ..formats import DEFAULT_FORMAT, FORMATS
+from ..formats import DEFAULT_FORMAT, FORMATS, PRESETS, scheme_for
 from ..jobs import dequantize_checkpoint, diff_checkpoints, inspect_checkpoint, quantize_checkpoint
 from ..storage.dtypes import OUTPUT_DTYPES
 from ..storage.writer import check_output_path, write_file
@@ -232,12 +232,20 @@ def qz() -> None:
 @qz.command(short_help="Quantize a checkpoint or model folder.")
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @output_option("int8")
+@click.option("--scheme", "preset_name", metavar="NAME",
+              help="A preset by llm-compressor's name, for the method, bits, granularity "
+                   f"and activations: {', '.join(PRESETS)}.")
 @click.option("--method", type=click.Choice(METHODS), default=None,
               help="absmax: symmetric, s = max|x|/127 (/7 at 4 bits). affine: asymmetric, "
                    "with a zero point (a float offset in MLX). fp8: FP8 E4M3 values, "
-                   "s = max|x|/448. [default: absmax; affine for mlx]")
-@click.option("--bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
-              help="Bits per code of absmax and affine; 4 packs two codes to a byte.")
+                   "s = max|x|/448. nvfp4, mxfp4, mxfp8: microscaling floats in groups of "
+                   "16 or 32 with E4M3 or power-of-two scales. [default: absmax; affine for mlx]")
+@click.option("--bits", type=click.Choice([str(bits) for bits in BITS]), default=None,
+              help="Bits per integer code (absmax, affine); below 8 they are packed. "
+                   "[default: 8]")
+@click.option("--activations", type=click.Choice(ACTIVATIONS), default=None,
+              help="Declare that the runtime quantizes each layer's inputs dynamically (per "
+                   "token) to INT8 or FP8 (compressed-tensors: W8A8, FP8_DYNAMIC).")
 @click.option("--block", "block_size", type=click.IntRange(min=1), default=None,
               help="Block-wise: one scale per N consecutive values of the last axis "
                    "[default: 128; 64 for mlx].")
@@ -291,8 +299,10 @@ def qz() -> None:
 def quantize(
     input_path: Path,
     output: str | None,
+    preset_name: str | None,
     method: str | None,
-    bits: str,
+    bits: str | None,
+    activations: str | None,
     block_size: int | None,
     per_channel: bool,
     per_tensor: bool,
@@ -336,11 +346,23 @@ def quantize(
                                         ("--target-bits", target_bits is not None)) if given]
     if chosen and targets:
         raise click.UsageError(f"{targets[0]} chooses the granularity itself; drop {chosen[0]}")
-    if target_bits is not None and bits != "8":
+    if target_bits is not None and bits is not None:
         raise click.UsageError("--target-bits chooses the bits itself; drop --bits")
+    given = [name for name, value in (("--method", method), ("--bits", bits),
+                                      ("--activations", activations),
+                                      (chosen[0] if chosen else "", chosen or None)) if value]
+    if preset_name is not None and given:
+        raise click.UsageError(f"--scheme {preset_name} sets the method, bits, granularity and "
+                               f"activations; drop {given[0]}")
     report_file = JsonReport(json_target, force, [input_path])
     granularity = "channel" if per_channel else "tensor" if per_tensor else None
-    scheme = FORMATS[format_name].scheme(method, granularity, block_size, clip, int(bits))
+    scheme = scheme_for(FORMATS[format_name], preset_name=preset_name,
+                        method=method,  # type: ignore[arg-type]
+                        granularity=granularity,  # type: ignore[arg-type]
+                        block_size=block_size,
+                        bits=None if bits is None else int(bits),
+                        clip=clip,  # type: ignore[arg-type]
+                        activations=activations)  # type: ignore[arg-type]
     with _progress_for(quiet or dry_run) as progress:
         report = quantize_checkpoint(
             input_path, output, scheme, include=include, exclude=exclude, force=force,

@@ -231,8 +231,10 @@ def _stats_cells(stats: ErrorStats) -> tuple[str, str, str, str]:
 
 
 def _precision(scheme: Scheme) -> str:
-    """What a scheme stores: I8 (as qz 1.0 said), I4 or F8."""
-    return "F8" if scheme.method == "fp8" else f"I{scheme.bits}"
+    """What a scheme stores: I8 (as qz 1.0 said), I4, F8, NVFP4, …"""
+    if scheme.element.is_float:
+        return scheme.label if scheme.info.microscaling else "F8"
+    return f"I{scheme.bits}"
 
 
 def _json_number(value: float) -> float | None:
@@ -244,7 +246,8 @@ def scheme_json(scheme: Scheme | None) -> dict[str, Any] | None:
     if scheme is None:
         return None
     return {"method": scheme.method, "granularity": scheme.granularity,
-            "block": scheme.block_size, "clip": scheme.clip, "bits": scheme.bits}
+            "block": scheme.block_size, "clip": scheme.clip, "bits": scheme.bits,
+            "label": scheme.label, "activations": scheme.activations}
 
 
 def stats_json(stats: ErrorStats | None) -> dict[str, Any] | None:

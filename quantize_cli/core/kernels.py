@@ -24,11 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .clip import search_factors
-from .params import absmax_scale, affine_qparams, qparams_from_range, round_scale_up
+from .params import PLAIN, Storage, absmax_scale, affine_qparams, qparams_from_range, round_scale_up
 from .scheme import Scheme
-from .search import PLAIN, Storage, search_groups
-from .stats import FLOAT32_SAFE_MAGNITUDES, ErrorStats
+from .search import search_groups
+from .stats import ErrorStats
 from .threads import scratch
+from .values import FLOAT32_SAFE_MAGNITUDES, NonFiniteInTile
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,6 @@ _LAYOUTS = {
 
 def has_bit_layout(dtype: np.dtype) -> bool:
     return dtype.name in _LAYOUTS
-
-
-class NonFiniteInTile(Exception):
-    """A tile holds NaN or ±inf; the caller reports count and position for the whole array."""
 
 
 def group_views(rows: np.ndarray, scheme: Scheme) -> Iterator[tuple[np.ndarray, slice]]:

@@ -21,50 +21,46 @@ b = −2^(bits−1) · s, exact in T.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import numpy.typing as npt
 
-from .kernels import NonFiniteInTile, group_views, view_stats
-from .params import round_scale_up
-from .quantize import non_finite_error
+from .kernels import group_views, view_stats
+from .params import Storage, round_scale_up
+from .rows import RowResult
 from .scheme import Scheme
-from .search import Storage, search_groups
+from .search import search_groups
 from .stats import ErrorStats
 from .threads import map_tiles, tile_rows
+from .values import NonFiniteInTile, non_finite_error
 
 #: MLX's floor for the magnitude of a scale (its ``eps``).
 MLX_EPS = np.float32(1e-7)
 
 
-@dataclass(frozen=True)
-class OffsetRows:
-    """Codes, scales and biases of a run of rows of a tensor's row view."""
-
-    codes: npt.NDArray[np.uint8]  # (rows, columns), in [0, 2^bits - 1]
-    scale: np.ndarray  # (rows, groups), in T
-    bias: np.ndarray  # (rows, groups), in T
-    stats: ErrorStats | None
-
-
 def dequantize_offset(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray,
-                      dtype: npt.DTypeLike) -> np.ndarray:
-    """x̂ = T(T(q · s) + b) for (…, n) codes and (…) scales and biases, in T = ``dtype``.
+                      block_size: int, dtype: npt.DTypeLike) -> np.ndarray:
+    """x̂ = T(T(q · s) + b) for (rows, columns) codes and (rows, groups) scales and biases
+    of groups of ``block_size`` along the rows, in T = ``dtype``.
 
     >>> import ml_dtypes
     >>> bf16 = np.dtype(ml_dtypes.bfloat16)
-    >>> dequantize_offset(np.array([[255]], np.uint8), np.array([0.01], bf16),
-    ...                   np.array([-1.0], bf16), bf16).astype(np.float32).tolist()
+    >>> dequantize_offset(np.array([[255]], np.uint8), np.array([[0.01]], bf16),
+    ...                   np.array([[-1.0]], bf16), 1, bf16).astype(np.float32).tolist()
     [[1.546875]]
     """
-    target = np.dtype(dtype)
-    product = (codes.astype(np.float32) * scale[..., None].astype(np.float32)).astype(target)
-    return (product.astype(np.float32) + bias[..., None].astype(np.float32)).astype(target)
+    grouped = codes.reshape(codes.shape[0], -1, block_size)
+    return _dequantize_groups(grouped, scale, bias, np.dtype(dtype)).reshape(codes.shape)
+
+
+def _dequantize_groups(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray,
+                       dtype: np.dtype) -> np.ndarray:
+    """:func:`dequantize_offset` of a (rows, groups, length) view."""
+    product = (codes.astype(np.float32) * scale[..., None].astype(np.float32)).astype(dtype)
+    return (product.astype(np.float32) + bias[..., None].astype(np.float32)).astype(dtype)
 
 
 def quantize_offset_rows(rows: np.ndarray, scheme: Scheme, *,
-                         with_stats: bool = False) -> OffsetRows:
+                         with_stats: bool = False) -> RowResult:
     """Quantize a run of rows (in the weight's own dtype T) in groups of
     ``scheme.block_size`` along the last axis, with ``scheme.bits``; ``scheme.method``
     affine chooses s and b per group as described above, absmax uses the symmetric grid.
@@ -107,7 +103,8 @@ def quantize_offset_rows(rows: np.ndarray, scheme: Scheme, *,
         results = map_tiles(work, row_count, tile_rows(columns)) if rows.size else []
     except NonFiniteInTile:
         raise non_finite_error(rows) from None
-    return OffsetRows(codes, scale, bias, ErrorStats.total(results) if with_stats else None)
+    return RowResult(codes, scale, bias=bias,
+                     stats=ErrorStats.total(results) if with_stats else None)
 
 
 Candidate = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # codes, s, b, error
@@ -115,7 +112,7 @@ Candidate = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # codes, s, b
 
 def _measure(values: np.ndarray, codes: np.ndarray, scale: np.ndarray, bias: np.ndarray,
              dtype: np.dtype) -> Candidate:
-    error = values - dequantize_offset(codes, scale, bias, dtype).astype(np.float32)
+    error = values - _dequantize_groups(codes, scale, bias, dtype).astype(np.float32)
     return codes, scale, bias, error
 
 

@@ -6,14 +6,36 @@ not per element.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import SchemeError
 from .scheme import code_range
+from .values import FLOAT32_MAX, FLOAT32_TINY
 
-_FLOAT32_TINY = np.float32(np.finfo(np.float32).tiny)
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+@dataclass(frozen=True)
+class Storage:
+    """What a format can store of a group's parameters, which limits the search: the
+    scale's dtype, whether the zero point is an integer (packed codes) or a float, whether
+    scales may be negative, the divisor of plain absmax rounding (default 2^(b−1) − 1:
+    127, 7), whether NVFP4's per-tensor global scale is stored (else it is 1), and
+    whether codes are unsigned with an offset per group in the weight's dtype (MLX's
+    affine, offset.py) instead of a zero point."""
+
+    scale_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
+    zero_point: Literal["integer", "float"] = "integer"
+    negative_scales: bool = False
+    divisor: float | None = None
+    global_scale: bool = True
+    offset: bool = False
+
+
+#: float32 scales, integer zero points: what qz's INT8 format stores.
+PLAIN = Storage()
 
 
 def qparams_from_range(
@@ -50,7 +72,7 @@ def absmax_scale(magnitude: np.ndarray, bits: int = 8,
     """
     highest = divisor or code_range("absmax", bits)[1]
     scale = np.asarray(magnitude / np.float32(highest), dtype=np.float32)
-    if scale.size and scale.min() < _FLOAT32_TINY:
+    if scale.size and scale.min() < FLOAT32_TINY:
         scale = _floor_tiny(magnitude.astype(np.float64) / highest, scale)
     if scale.size and magnitude.max() > _LARGE:
         zero = np.zeros(scale.shape)
@@ -69,7 +91,7 @@ def affine_qparams(
     high64 = high.astype(np.float64)
     exact = (high64 - low64) / ((1 << bits) - 1)
     scale = np.asarray(exact.astype(np.float32))
-    if scale.size and scale.min() < _FLOAT32_TINY:
+    if scale.size and scale.min() < FLOAT32_TINY:
         scale = _floor_tiny(exact, scale)
     zero_point = _zero_point(low64, scale, bits)
     if scale.size and max(-low.min(), high.max()) > _LARGE:
@@ -84,7 +106,7 @@ _LARGE = 1e38
 def _floor_tiny(exact: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """A non-zero range whose scale underflows float32's normal range gets the smallest
     normal float32, so the bound |x - x̂| ≤ s/2 keeps holding for tiny values."""
-    return np.where((exact > 0) & (scale < _FLOAT32_TINY), _FLOAT32_TINY, scale)
+    return np.where((exact > 0) & (scale < FLOAT32_TINY), FLOAT32_TINY, scale)
 
 
 def _avoid_overflow(
@@ -95,7 +117,7 @@ def _avoid_overflow(
     dequantize to infinity (127 · fl(3.4028235e38 / 127) overflows): round it down."""
     lowest, highest = code_range(method, bits)
     reach = np.maximum(highest - zero_point, zero_point - lowest)
-    overflow = reach * scale.astype(np.float64) > _FLOAT32_MAX
+    overflow = reach * scale.astype(np.float64) > FLOAT32_MAX
     if np.any(overflow):
         scale = np.where(overflow, np.nextafter(scale, np.float32(0)), scale)
         if method == "affine":

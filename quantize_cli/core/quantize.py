@@ -1,7 +1,10 @@
-"""INT8 quantization and dequantization in pure numpy (DESIGN.md §1–2).
+"""Quantization and dequantization in pure numpy (DESIGN.md §1–2): the entry points for
+every scheme, and the integer codes themselves.
 
-For each group of values x (the whole tensor, one output channel, or one block of the
-last axis) qz stores one float32 scale s and, for affine, one int8 zero point z:
+Integer codes (absmax, affine) are made here; float elements (FP8, NVFP4, MXFP4, MXFP8)
+in floats.py; codes with a float offset in the weight's dtype (MLX) in offset.py. For
+8-bit integers, for each group of values x (the whole tensor, one output channel, or one
+block of the last axis) qz stores one float32 scale s and, for affine, one int8 zero point z:
 
     absmax   s = max|x| / 127                  q = clip(rint(x / s), -127, 127)      x̂ = q·s
     affine   lo = min(min x, 0), hi = max(max x, 0)
@@ -38,110 +41,42 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import DtypeRangeError, NonFiniteValuesError, SchemeError
+from ..errors import DtypeRangeError, NonFiniteValuesError
 from . import clip, kernels
-from .fp8 import dequantize_fp8_rows, quantize_fp8_rows
-from .params import qparams_from_range, round_scale_up
+from .floats import dequantize_float_rows, quantize_float_rows
+from .offset import dequantize_offset, quantize_offset_rows
+from .params import PLAIN, Storage, qparams_from_range, round_scale_up
+from .rows import QuantizedRows, RowResult
 from .scheme import Scheme
-from .search import PLAIN, Storage
 from .stats import ErrorStats
 from .threads import map_tiles, scratch, tile_rows
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+from .values import (
+    FLOAT32_MAX,
+    NonFiniteInTile,
+    check_float,
+    float32_tile,
+    non_finite_error,
+)
 
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """INT8 codes with their scale (and zero point), as stored in a qz file.
+    """Codes with their scale (and zero point), as stored in a qz file.
 
     ``codes`` has the original shape; ``scale`` and ``zero_point`` have the shape given by
-    ``scheme.scale_shape(codes.shape)``; ``zero_point`` is None for absmax.
+    ``scheme.scale_shape(codes.shape)``; ``zero_point`` is None for absmax;
+    ``global_scale`` is NVFP4's scale of the whole tensor (None otherwise).
     """
 
-    codes: npt.NDArray[np.int8]
-    scale: npt.NDArray[np.float32]
+    codes: np.ndarray
+    scale: np.ndarray
     zero_point: npt.NDArray[np.int8] | None
     scheme: Scheme
+    global_scale: float | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.codes.shape)
-
-
-@dataclass(frozen=True)
-class RowResult:
-    """What :func:`quantize_rows` returns for one run of rows of the 2-D row view."""
-
-    codes: np.ndarray  # (rows, columns): int8, or uint8 for a format with a float offset
-    scale: np.ndarray  # (rows, groups per row), or (1, 1) per tensor
-    zero_point: npt.NDArray[np.int8] | None
-    stats: ErrorStats | None
-    bias: np.ndarray | None = None  # a float offset per group (core/offset.py)
-    #: (min, max) of the integer codes, taken by the tiles while in cache, so that the
-    #: check before writing (DESIGN §6.4) needs no pass over the chunk of its own.
-    code_bounds: tuple[int, int] | None = None
-
-
-def find_non_finite(
-    chunks: Iterable[np.ndarray], shape: tuple[int, ...]
-) -> tuple[int, tuple[int, ...]]:
-    """How many values are NaN or ±inf, and the index (in ``shape``) of the first, over a
-    tensor given as consecutive chunks in C order. Values are judged as float32, so a
-    float64 beyond float32's range counts too. The slow path, taken only on failure.
-
-    >>> find_non_finite([np.array([[1.0, np.nan]]), np.array([[np.inf, 2.0]])], (2, 2))
-    (2, (0, 1))
-    """
-    count, first, offset = 0, None, 0
-    for chunk in chunks:
-        bad = ~np.isfinite(as_float32(chunk))
-        found = int(np.count_nonzero(bad))
-        if found and first is None:
-            first = offset + int(np.argmax(bad))
-        count += found
-        offset += bad.size
-    index = tuple(int(i) for i in np.unravel_index(first or 0, shape)) if shape else ()
-    return count, index
-
-
-def non_finite_error(values: np.ndarray, name: str | None = None) -> NonFiniteValuesError:
-    """The error for ``values`` holding NaN/±inf: count and first (N-D) index."""
-    return NonFiniteValuesError.build(name, *find_non_finite([values], values.shape))
-
-
-def _check_float(array: np.ndarray) -> None:
-    if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"):
-        raise SchemeError(f"only floating-point values can be quantized, got {array.dtype}")
-
-
-def as_float32(values: npt.ArrayLike) -> npt.NDArray[np.float32]:
-    """The float32 array qz computes on (float16/bfloat16/float64 are converted)."""
-    array = np.asarray(values)
-    _check_float(array)
-    if array.dtype.name == "bfloat16":
-        return _widen_bfloat16(np.ascontiguousarray(array), np.empty(array.shape, np.float32))
-    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused
-        return np.asarray(array, dtype=np.float32, order="C")
-
-
-def _widen_bfloat16(values: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """bfloat16 values as float32, into ``out``: a bfloat16 is the top half of a float32,
-    so widening the bits is exact, and about three times as fast as ml_dtypes' cast."""
-    np.left_shift(values.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
-    return out
-
-
-def _float32_tile(values: np.ndarray) -> np.ndarray:
-    """A tile as float32, converted into this thread's scratch buffer when it is stored
-    in another dtype (BF16, F16, F64): conversion happens in cache, on every thread."""
-    if values.dtype == np.float32:
-        return values
-    converted = scratch(3, values.shape)
-    if values.dtype.name == "bfloat16":
-        return _widen_bfloat16(values, converted)
-    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, then refused
-        np.copyto(converted, values, casting="unsafe")
-    return converted
 
 
 def value_range(rows: np.ndarray) -> tuple[float, float]:
@@ -154,11 +89,11 @@ def value_range(rows: np.ndarray) -> tuple[float, float]:
         return 0.0, 0.0
 
     def work(tile: slice) -> tuple[float, float]:
-        return kernels.float_range(_float32_tile(rows[tile]))
+        return kernels.float_range(float32_tile(rows[tile]))
 
     try:
         ranges = map_tiles(work, rows.shape[0], tile_rows(rows.shape[1]))
-    except kernels.NonFiniteInTile:
+    except NonFiniteInTile:
         raise non_finite_error(rows) from None
     return min(low for low, _ in ranges), max(high for _, high in ranges)
 
@@ -175,7 +110,7 @@ def tensor_errors(
     low, high = (np.full((1, 1), bound, dtype=np.float32) for bound in value_range_)
 
     def work(tile: slice) -> np.ndarray:
-        values = _float32_tile(rows[tile])[:, None, :]
+        values = float32_tile(rows[tile])[:, None, :]
         return np.array([
             clip.group_errors(values, np.broadcast_to(low, values.shape[:2]),
                               np.broadcast_to(high, values.shape[:2]),
@@ -192,9 +127,9 @@ def tensor_errors(
 
 
 def per_tensor_range(chunks: Iterable[np.ndarray], scheme: Scheme) -> tuple[float, float]:
-    """The range one scale per tensor is made from: the tensor's min and max, and with
-    ``--clip mse`` that range shrunk by the factor of smallest squared error (the two
-    stages of clip.py). ``chunks`` holds the tensor's rows in any split (a list, or a
+    """The range one scale per tensor is made from: the tensor's min and max, and for
+    integer codes with ``--clip mse`` that range shrunk by the factor of smallest squared
+    error (the two stages of clip.py). ``chunks`` holds the tensor's rows in any split (a list, or a
     stream that can be read again): it is iterated once for the range and once for each
     stage of the search.
 
@@ -211,7 +146,7 @@ def per_tensor_range(chunks: Iterable[np.ndarray], scheme: Scheme) -> tuple[floa
         low, high = min(low, chunk_low), max(high, chunk_high)
     if low > high:  # no values
         low = high = 0.0
-    if scheme.clip == "none":
+    if scheme.clip == "none" or scheme.element.is_float:
         return low, high
 
     def errors(factors: list[float]) -> list[float]:
@@ -241,25 +176,26 @@ def quantize_rows(
     values. ``with_stats`` also returns the error statistics, computed while each tile is
     still in cache. ``storage`` says what the format holds: scales in another dtype (they
     are rounded to it, up where plain rounding must not clip), fractional zero points,
-    negative scales, or a format's own divisor for plain absmax rounding. FP8 goes to
-    fp8.py.
+    negative scales, a format's own divisor for plain absmax rounding, an offset in the
+    weight's dtype (MLX: offset.py), NVFP4's global scale. Float elements go to floats.py.
+    For NVFP4, ``tensor_range`` gives the magnitude its global scale is made from.
 
     >>> result = quantize_rows(np.array([[1.6, -0.7, -3.4, 1.7]], np.float32), Scheme())
     >>> result.codes.tolist(), result.scale.shape
     ([[60, -26, -127, 64]], (1, 1))
     """
-    _check_float(rows)
+    check_float(rows)
     if rows.ndim != 2:
         raise TypeError("quantize_rows takes a 2-D array")
     rows = np.ascontiguousarray(rows)
-    if scheme.method == "fp8":
+    if storage.offset:
+        return quantize_offset_rows(rows, scheme, with_stats=with_stats)
+    if scheme.element.is_float:
         magnitude = None if tensor_range is None else max(-tensor_range[0], tensor_range[1])
         try:
-            fp8_codes, fp8_scale, fp8_stats = quantize_fp8_rows(
-                rows, scheme, storage.scale_dtype, magnitude, with_stats)
-        except kernels.NonFiniteInTile:
+            return quantize_float_rows(rows, scheme, storage, magnitude, with_stats)
+        except NonFiniteInTile:
             raise non_finite_error(rows) from None
-        return RowResult(fp8_codes, fp8_scale, None, fp8_stats)
     row_count, columns = rows.shape
     codes = np.empty(rows.shape, dtype=np.int8)
     per_tensor = scheme.granularity == "tensor"
@@ -286,7 +222,7 @@ def quantize_rows(
     def work(tile: slice) -> tuple[ErrorStats | None, tuple[int, int]]:
         tile_stats = None
         native = rows[tile]
-        values = _float32_tile(native)
+        values = float32_tile(native)
         range_source = native if range_source_is_native else values
         for (view, owned), (range_view, _), (code_view, _) in zip(
             kernels.group_views(values, scheme), kernels.group_views(range_source, scheme),
@@ -310,7 +246,7 @@ def quantize_rows(
 
     try:
         results = map_tiles(work, row_count, tile_rows(columns)) if rows.size else []
-    except kernels.NonFiniteInTile:
+    except NonFiniteInTile:
         raise non_finite_error(rows) from None
     stats = ErrorStats.total(item for item, _ in results) if with_stats else None
     bounds = ((min(low for _, (low, _) in results), max(high for _, (_, high) in results))
@@ -319,24 +255,29 @@ def quantize_rows(
                      code_bounds=bounds)
 
 
-def dequantize_rows(
-    codes: np.ndarray,
-    scale: np.ndarray,
-    zero_point: np.ndarray | None,
-    scheme: Scheme,
-    dtype: npt.DTypeLike = np.float32,
-) -> np.ndarray:
+def dequantize_rows(rows: QuantizedRows, scheme: Scheme,
+                    dtype: npt.DTypeLike = np.float32) -> np.ndarray:
     """Inverse of :func:`quantize_rows`: the values of a run of rows, as ``dtype``.
 
-    ``scale`` and ``zero_point`` are the row-view shaped arrays of those rows ((1, 1) per
-    tensor; tile rows by tile columns for FP8 tiles). Values are computed in float32 and
-    converted tile by tile.
+    ``rows.scale`` and ``rows.zero_point`` are the row-view shaped arrays of those rows
+    ((1, 1) per tensor; tile rows by tile columns for FP8 tiles). Integer codes are
+    dequantized in float32, tile by tile; a float offset (``rows.bias``) in the dtype of
+    its scales, as MLX computes it (offset.py); float elements as floats.py says.
+
+    >>> result = quantize_rows(np.array([[0.0, 0.5, -1.0, 2.0]], np.float32),
+    ...                        Scheme("affine", "channel"))
+    >>> [round(float(v), 4) for v in dequantize_rows(result, Scheme("affine", "channel"))[0]]
+    [0.0, 0.5059, -1.0, 2.0]
 
     Raises:
         DtypeRangeError: a value does not fit ``dtype`` (float16 above 65504).
     """
-    if scheme.method == "fp8":
-        return dequantize_fp8_rows(codes, scale, scheme, dtype)
+    if rows.bias is not None:
+        return dequantize_offset(rows.codes, rows.scale, rows.bias, scheme.block_size or 1,
+                                 rows.scale.dtype).astype(dtype)
+    if scheme.element.is_float:
+        return dequantize_float_rows(rows.codes, rows.scale, scheme, dtype, rows.global_scale)
+    codes, scale, zero_point = rows.codes, rows.scale, rows.zero_point
     codes = np.ascontiguousarray(codes)
     target = np.dtype(dtype)
     out = np.empty(codes.shape, dtype=target)
@@ -349,7 +290,7 @@ def dequantize_rows(
     # float32's limit) can overflow, and only then is each tile checked.
     reach = 256 + (float(np.abs(zero_point).max()) if zero_point is not None
                    and zero_point.size else 0)
-    may_overflow = bool(scale.size) and float(np.abs(scale).max()) * reach > _FLOAT32_MAX
+    may_overflow = bool(scale.size) and float(np.abs(scale).max()) * reach > FLOAT32_MAX
 
     def work(tile: slice) -> None:
         values = out[tile] if target == np.float32 else scratch(3, out[tile].shape)
@@ -393,7 +334,7 @@ def _check_fits(values: np.ndarray, target: np.dtype) -> None:
 def quantize(
     values: npt.ArrayLike, scheme: Scheme | None = None, *, name: str | None = None
 ) -> QuantizedTensor:
-    """Quantize a floating-point array to INT8 with ``scheme`` (default absmax, block 128).
+    """Quantize a floating-point array with ``scheme`` (default INT8 absmax, block 128).
 
     The worked example (DESIGN §1): absmax over the whole tensor.
 
@@ -411,7 +352,7 @@ def quantize(
     """
     scheme = scheme or Scheme()
     array = np.asarray(values)
-    _check_float(array)
+    check_float(array)
     shape = tuple(array.shape)
     scale_shape = scheme.scale_shape(shape)
     row_shape = scheme.row_view_shape(shape)
@@ -425,13 +366,15 @@ def quantize(
         scale=result.scale.reshape(scale_shape),
         zero_point=zero_point,
         scheme=scheme,
+        global_scale=result.global_scale,
     )
 
 
 def dequantize(
     quantized: QuantizedTensor, dtype: npt.DTypeLike = np.float32
 ) -> np.ndarray:
-    """Values back from codes: ``q·s`` (absmax) or ``(q - z)·s`` (affine), as ``dtype``.
+    """Values back from codes: ``q·s`` (absmax, FP8 and the microscaling types, whose
+    ``s`` is decoded from its E4M3 or E8M0 form) or ``(q - z)·s`` (affine), as ``dtype``.
 
     >>> x = np.array([[0.0, 0.5, -1.0, 2.0]], dtype=np.float32)
     >>> qt = quantize(x, Scheme("affine", "channel"))
@@ -450,11 +393,8 @@ def dequantize(
     scale_rows = ((1, 1) if scheme.granularity == "tensor" else
                   quantized.scale.shape if scheme.tiles else (rows, groups))
     zero_point = quantized.zero_point
-    values = dequantize_rows(
-        quantized.codes.reshape(row_shape),
-        quantized.scale.reshape(scale_rows),
+    rows_of = QuantizedRows(
+        quantized.codes.reshape(row_shape), quantized.scale.reshape(scale_rows),
         None if zero_point is None else zero_point.reshape(scale_rows),
-        scheme,
-        dtype,
-    )
-    return values.reshape(shape)
+        global_scale=quantized.global_scale)
+    return dequantize_rows(rows_of, scheme, dtype).reshape(shape)

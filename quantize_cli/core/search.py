@@ -9,10 +9,11 @@ the best grid for those codes. Every candidate's error is computed exactly, from
 for the scale and zero point as the format stores them (rounded to its dtype), and the
 best is kept; the plain rounding grid is always a candidate, so no group gets worse.
 
-* symmetric (absmax): codes in [-8, 7]. Starts: plain rounding (s = max|x| / 7, refitted
-  too), and the group's extreme mapped to 8, 8.5 and 9 code steps. When the format allows
-  negative scales the extreme goes to the negative side, where -8 lies (as ggml's Q4_0
-  does); otherwise past 7, where it is clipped.
+* symmetric (absmax): codes in [-2^(b-1), 2^(b-1) - 1] ([-8, 7] at 4 bits). Starts: plain
+  rounding (s = max|x| / 7 at 4 bits, refitted too), and the group's extreme mapped to
+  2^(b-1) + 0.5 code steps (8.5 at 4 bits). When the format allows negative scales the
+  extreme goes to the negative side, where -8 lies (as ggml's Q4_0 does); otherwise past
+  7, where it is clipped.
 * affine with an integer zero point (compressed-tensors): starts at plain rounding and at
   90% of its range; the zero point is rounded and the scale refitted for it.
 * affine with a fractional zero point (qz, and MLX's float bias): x̂ = s·q + b is a free
@@ -27,38 +28,21 @@ plain squared error; benchmarks/README.md compares both, on weights and on a rea
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
-from .params import absmax_scale, affine_qparams, round_scale_up
+from .params import Storage, absmax_scale, affine_qparams, round_scale_up
 from .scheme import Scheme
 from .threads import scratch
+from .values import FLOAT32_TINY
 
-#: Starting points of the symmetric search: the group's extreme goes to this many steps.
-SYMMETRIC_STEPS = (8.5,)
+#: Starting points of the symmetric search: the group's extreme goes to 2^(b−1) plus this
+#: many code steps from zero (8.5 at 4 bits), so that it may land on the lowest code.
+SYMMETRIC_BEYOND = (0.5,)
 #: Starting points of the affine search: the range as a fraction of the full one.
 AFFINE_SHRINK = 0.9
-_TINY = np.float32(np.finfo(np.float32).tiny)
 #: Least-squares refits of each fractional-zero-point start.
 REFITS = 1
-
-
-@dataclass(frozen=True)
-class Storage:
-    """What a format can store of a group's parameters, which limits the search: the
-    scale's dtype, whether the zero point is an integer (packed codes) or a float, and
-    whether scales may be negative."""
-
-    scale_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
-    zero_point: Literal["integer", "float"] = "integer"
-    negative_scales: bool = False
-    divisor: float | None = None  # of plain absmax rounding: max|x| / divisor (default 7, 127)
-
-
-#: float32 scales, integer zero points: what qz's INT8 format stores.
-PLAIN = Storage()
 
 def search_groups(values: np.ndarray, low: np.ndarray, high: np.ndarray, scheme: Scheme,
                   storage: Storage) -> tuple[np.ndarray, np.ndarray | None]:
@@ -135,7 +119,8 @@ def _stored(scale: np.ndarray, storage: Storage) -> np.ndarray:
     """A scale as the format will hold it (nearest), as float32; a non-zero scale is at
     least float32's smallest normal number, as plain rounding's is (params.py)."""
     scale = np.nan_to_num(scale.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    scale = np.where((scale != 0) & (np.abs(scale) < _TINY), np.copysign(_TINY, scale), scale)
+    scale = np.where((scale != 0) & (np.abs(scale) < FLOAT32_TINY),
+                     np.copysign(FLOAT32_TINY, scale), scale)
     if storage.scale_dtype == np.float32:
         return scale
     return scale.astype(storage.scale_dtype).astype(np.float32)
@@ -189,8 +174,10 @@ def _symmetric(values: np.ndarray, low: np.ndarray, high: np.ndarray, scheme: Sc
     plain = round_scale_up(absmax_scale(magnitude, scheme.bits, storage.divisor),
                            storage.scale_dtype)
     extreme = np.where(-low > high, low, high)  # signed: the value of largest magnitude
+    half = 1 << (scheme.bits - 1)
     starts = [plain] + [_stored((-extreme if storage.negative_scales else magnitude)
-                                / np.float32(c), storage) for c in SYMMETRIC_STEPS]
+                                / np.float32(half + beyond), storage)
+                        for beyond in SYMMETRIC_BEYOND]
     for number, start in enumerate(starts):
         codes = _codes(values, start, 0.0, lowest, highest)
         code_sums = sums.of_codes(codes, symmetric=True)

@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .threads import TILE_ELEMENTS, map_tiles
+from .values import FLOAT32_SAFE_MAGNITUDES
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,6 @@ def error_stats(original: npt.ArrayLike, dequantized: npt.ArrayLike) -> ErrorSta
         cross_energy=cross_energy,
         max_abs_error=float(max(error.max(), -error.min())),
     )
-
-
-#: Sums of squares and products of float32 values stay within float32 only for magnitudes
-#: between these: beyond them a tile's statistics are summed in float64 (rare: weights
-#: are not near 1e16 or 1e-15). The quantize kernels and :func:`compare` both use it.
-FLOAT32_SAFE_MAGNITUDES = (1e-15, 1e16)
 
 
 def compare(original: np.ndarray, approximation: np.ndarray) -> ErrorStats:

@@ -1,60 +1,35 @@
-"""The compressed-tensors format (what vLLM loads): weight-only INT8 and INT4 written as
-``pack-quantized``, FP8 as ``float-quantized``; ``pack-quantized``, ``int-quantized`` and
-``float-quantized`` checkpoints read back.
+"""The compressed-tensors format (what vLLM loads, and transformers through
+compressed-tensors): a model folder whose config.json has a ``quantization_config`` with
+one config group per scheme, each naming its layers, its weights' arguments, the
+activations the runtime quantizes, and the layout (``format``) of its weights.
 
-For a quantized Linear weight ``X.weight`` of shape (out, in):
-
-* pack-quantized (INT8, INT4): ``X.weight_packed`` I32 (out, ⌈in · bits / 32⌉): the codes
-  plus 2^(bits−1), densely packed into int32 words, little endian, the first code in the
-  lowest bits (compressed-tensors' ``pack_to_int32``); ``X.weight_scale`` in the model's
-  dtype, (out, 1) per channel or (out, in / group); ``X.weight_shape`` I64 [2]; for
-  asymmetric INT4 the zero points plus 8, packed the same way along the output axis,
-  ``X.weight_zero_point`` I32 (⌈out / 8⌉, groups).
-* float-quantized (FP8 E4M3): ``X.weight`` F8_E4M3 and ``X.weight_scale`` in the model's
-  dtype: (1,) per tensor, (out, 1) per channel, (⌈out/128⌉, ⌈in/128⌉) per 128×128 block.
-
-Dequantized: ``(code − zero point) · scale`` computed in the scale's dtype. int-quantized
-stores ``X.weight`` as I8 beside ``X.weight_scale`` (and ``X.weight_zero_point``).
-config.json gains a ``quantization_config``. Sources: compressed-tensors
-``compressors/pack_quantized`` and ``quantization/utils/helpers.py``, vLLM's
-``compressed_tensors.py`` and ``marlin_utils.py``.
+The layouts (layouts/): ``pack-quantized`` (weight-only integers, INT2 to INT8),
+``int-quantized`` (W8A8), ``float-quantized`` (FP8, FP8_DYNAMIC, FP8_BLOCK),
+``nvfp4-pack-quantized``, ``mxfp4-pack-quantized`` and ``mxfp8-quantized``. This module
+holds what is about the model: which layers vLLM can run quantized (Linear layers whose
+shapes meet its kernels' multiples, on each GPU of a tensor-parallel deployment), which
+layers it fuses (and which must therefore share a scheme and NVFP4's global scale), and
+config.json. Sources: compressed-tensors ``quantization/quant_scheme.py`` and
+``quant_config.py``, llm-compressor's ``entrypoints/model_free`` (what it writes for each
+preset), vLLM's ``compressed_tensors.py`` and ``marlin_utils.py``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from pathlib import Path
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
-from ..core.quantize import RowResult, dequantize_rows
-from ..core.scheme import Scheme
-from ..core.search import Storage
+from ..core import Scheme
 from ..errors import SchemeError
-from ..storage.dtypes import FLOAT_DTYPES, numpy_dtype
 from ..storage.header import Header, TensorEntry
-from ..storage.reader import SafetensorsReader
-from .base import (
-    Codec,
-    Deployment,
-    QuantizedWeight,
-    Role,
-    StoredRows,
-    StoredTensor,
-    StoredWeight,
-    pack_nibbles,
-    read_groups,
-    refuse_bad_scales,
-    unpack_nibbles,
-)
+from .base import Deployment, ModelFormat, QuantizedWeight
+from .layouts.fp8 import CtFloat
+from .layouts.integers import CtInt, CtPacked
+from .layouts.microscaling import CtMxfp4, CtMxfp8, CtNvfp4
+from .layouts.names import CT_PACKED, CT_SCALE, module_of
+from .presets import preset_of
 
-PACKED, SCALE, SHAPE, ZERO_POINT = "_packed", "_scale", "_shape", "_zero_point"
-BLOCK_SIZES = (32, 64, 128)
-#: FP8 blocks vLLM runs: 128 × 128.
-FP8_BLOCK = 128
 #: vLLM's weight-only kernel (Marlin) needs these multiples of the input and output
 #: features each GPU holds (``verify_marlin_supports_shape`` in marlin_utils.py).
 IN_FEATURES_MULTIPLE, OUT_FEATURES_MULTIPLE = 128, 64
@@ -65,44 +40,42 @@ ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "dense_4h_to_h", "fc2", "wo",
 #: llm-compressor always leaves the output head in float: with tied embeddings it is the
 #: embedding itself, which vLLM does not quantize.
 HEAD = "lm_head"
-#: compressed-tensors' own rule for a symmetric INT4 scale: max|x| / 7.5, codes clamped
-#: to [-8, 7] (bit range / 2 in ``calculate_qparams``).
-SYMMETRIC_INT4_DIVISOR = 7.5
-SUPPORTED = ("compressed-tensors (vLLM) loads weight-only INT8 as absmax (symmetric), INT4 "
-             "as absmax or affine, per channel or in groups of 32, 64 or 128, and FP8 per "
-             "tensor, per channel or in 128×128 blocks")
+#: Layers vLLM loads as one (QKVParallelLinear, MergedColumnParallelLinear): they must
+#: share a scheme and NVFP4's global scale (llm-compressor's ``DEFAULT_FUSED_MAPPINGS``).
+FUSED = (re.compile(r"^(?P<key>.+?\.(?:attn|attention|self_attn|self_attention))"
+                    r"\.[qkv]_proj\.weight$"),
+         re.compile(r"^(?P<key>.+?\.(?:mlp|feed_forward))\.(?:gate|up)_proj\.weight$"),
+         re.compile(r"^(?P<key>.+?)\.w[13]\.weight$"))
+#: The weight bits vLLM's WNA16 kernels run (``WNA16_SUPPORTED_BITS``).
+VLLM_WEIGHT_BITS = (4, 8)
 
 
-class CompressedTensors(Codec):
+class CompressedTensors(ModelFormat):
     name = "compressed-tensors"
-    summary = ("compressed-tensors: a folder vLLM loads (pack-quantized INT8 and INT4 per "
-               "channel or block 32/64/128, FP8), with quantization_config in config.json")
-    suffix = "ct-"
+    summary = ("compressed-tensors: a folder vLLM loads (INT2-INT8 weight-only or W8A8, "
+               "FP8, NVFP4, MXFP4, MXFP8), with quantization_config in config.json")
+    prefix = "ct-"
+    layouts = (CtPacked(), CtInt(), CtFloat(), CtNvfp4(), CtMxfp4(), CtMxfp8())
+    supported = ("compressed-tensors (vLLM) loads integer weights per channel or in groups "
+                 "of 32, 64 or 128 (INT8 absmax only), W8A8, FP8 per tensor, per channel or "
+                 "in 128×128 blocks, NVFP4, MXFP4 and MXFP8")
     folder_output = True
-    mixed_schemes = False
     tensor_parallel = True
 
-    def check_scheme(self, scheme: Scheme) -> None:
-        if scheme.method == "fp8":
-            if scheme.granularity == "block" and scheme.block_size != FP8_BLOCK:
-                raise SchemeError(f"{SUPPORTED}; FP8 block {scheme.block_size} is not "
-                                  "supported", hint="use --block 128")
-            return
+    def hint(self, scheme: Scheme) -> str | None:
+        if scheme.element.is_float:
+            return "use --block 128" if scheme.method == "fp8" else None
         if scheme.bits == 8 and not scheme.symmetric:
-            raise SchemeError(f"{SUPPORTED}; affine is not supported at 8 bits",
-                              hint="use --method absmax, or --bits 4")
+            return "use --method absmax, or fewer --bits"
         if scheme.granularity == "tensor":
-            raise SchemeError(f"{SUPPORTED}; per tensor is not supported",
-                              hint="use --per-channel or --block 128")
-        if scheme.granularity == "block" and scheme.block_size not in BLOCK_SIZES:
-            raise SchemeError(f"{SUPPORTED}; block {scheme.block_size} is not supported",
-                              hint="use --block 32, 64 or 128")
+            return "use --per-channel or --block 128"
+        return "use --block 32, 64 or 128"
 
     def keep_reason(self, entry: TensorEntry, scheme: Scheme,
                     deployment: Deployment) -> str | None:
         if not entry.name.endswith(".weight"):
             return "kept for vLLM: not a layer's .weight"
-        module = entry.name.removesuffix(".weight")
+        module = module_of(entry.name)
         if module == HEAD or module.endswith("." + HEAD):
             return "kept for vLLM: the output head stays in its dtype, as llm-compressor does"
         if _is_embedding(module):
@@ -111,49 +84,40 @@ class CompressedTensors(Codec):
             return f"kept for vLLM: {len(entry.shape)}-D (vLLM quantizes 2-D Linear weights)"
         return _shape_problem(module, entry.shape, scheme, deployment)
 
-    def storage(self, entry: TensorEntry, scheme: Scheme) -> Storage:
-        # Scales in the weight's dtype, as compressed-tensors stores them; integer zero
-        # points (packed); its own rule for plain symmetric INT4.
-        return Storage(scale_dtype=numpy_dtype(entry.dtype),
-                       divisor=SYMMETRIC_INT4_DIVISOR if scheme.bits == 4 else None)
+    def fused_with(self, name: str) -> str | None:
+        for pattern in FUSED:
+            found = pattern.match(name)
+            if found is not None:
+                return found.group("key")
+        return None
 
-    def row_multiple(self, scheme: Scheme) -> int:
-        # Packed zero points hold 8 output rows to a word.
-        return 8 if scheme.bits == 4 and not scheme.symmetric else scheme.row_multiple
+    def check_model(self, decided: Mapping[str, Scheme | None]) -> None:
+        fused: dict[str, list[tuple[str, Scheme | None]]] = {}
+        for name, scheme in decided.items():
+            key = self.fused_with(name)
+            if key is not None:
+                fused.setdefault(key, []).append((name, scheme))
+        for members in fused.values():
+            schemes = {scheme for _, scheme in members}
+            if len(schemes) > 1:
+                (first, one), (second, other) = _two_differing(members)
+                raise SchemeError(
+                    f"vLLM loads {first} and {second} as one layer, so they need one scheme, "
+                    f"not {_said(one)} and {_said(other)}",
+                    hint="give layers that are fused (q/k/v, gate/up) the same --rule")
 
-    def stored_tensors(self, entry: TensorEntry, scheme: Scheme) -> list[StoredTensor]:
-        out_features, in_features = entry.shape
-        scale_shape = (1,) if scheme.granularity == "tensor" else (
-            scheme.scale_shape(entry.shape) if scheme.tiles
-            else (out_features, scheme.groups_per_row(in_features)))
-        scale = StoredTensor(entry.name + SCALE, entry.dtype, scale_shape, "scale")
-        if scheme.method == "fp8":
-            return [StoredTensor(entry.name, "F8_E4M3", entry.shape, "codes"), scale]
-        words = math.ceil(in_features * scheme.bits / 32)
-        stored = [StoredTensor(entry.name + PACKED, "I32", (out_features, words), "codes"),
-                  scale, StoredTensor(entry.name + SHAPE, "I64", (2,), "shape")]
-        if not scheme.symmetric:
-            stored.append(StoredTensor(entry.name + ZERO_POINT, "I32",
-                                       (math.ceil(out_features / 8), scale_shape[1]),
-                                       "zero_point"))
-        return stored
-
-    def encode(self, entry: TensorEntry, scheme: Scheme, result: RowResult,
-               first_row: int) -> list[tuple[str, np.ndarray]]:
-        scale = result.scale.astype(numpy_dtype(entry.dtype))
-        if scheme.method == "fp8":
-            pieces = [(entry.name, result.codes)]
-            if scheme.granularity != "tensor" or first_row == 0:
-                pieces.append((entry.name + SCALE, scale))
-            return pieces
-        words = math.ceil(entry.shape[1] * scheme.bits / 32)
-        pieces = [(entry.name + PACKED, _pack(result.codes, scheme.bits, words)),
-                  (entry.name + SCALE, scale)]
-        if result.zero_point is not None:
-            pieces.append((entry.name + ZERO_POINT, _pack_zero_points(result.zero_point)))
-        if first_row == 0:
-            pieces.append((entry.name + SHAPE, np.array(entry.shape, dtype=np.int64)))
-        return pieces
+    def notes(self, schemes: Sequence[Scheme]) -> list[str]:
+        notes = []
+        if any(not s.element.is_float and not s.symmetric for s in schemes):
+            notes.append("asymmetric integer weights (packed zero points) load in vLLM and "
+                         "compressed-tensors, but not in transformers")
+        odd = sorted({s.bits for s in schemes
+                      if not s.element.is_float and s.bits not in VLLM_WEIGHT_BITS})
+        if odd:
+            notes.append(f"vLLM's kernels run 4- and 8-bit integer weights, not "
+                         f"{', '.join(map(str, odd))}-bit: compressed-tensors and transformers "
+                         "read them")
+        return notes
 
     def shard_metadata(self, metadata: dict[str, str],
                        quantized: Sequence[QuantizedWeight]) -> dict[str, str]:
@@ -166,83 +130,66 @@ class CompressedTensors(Codec):
             return None
         # The output head always, and the Linear weights left in float, by module name:
         # loaders must not expect them packed.
-        ignore = {HEAD} | {entry.name.removesuffix(".weight") for entry in kept
+        ignore = {HEAD} | {module_of(entry.name) for entry in kept
                            if entry.name.endswith(".weight") and len(entry.shape) == 2
-                           and not _is_embedding(entry.name.removesuffix(".weight"))}
-        return {**config, "quantization_config": _quantization_config(scheme, sorted(ignore))}
+                           and not _is_embedding(module_of(entry.name))}
+        by_scheme: dict[Scheme, list[str]] = {}
+        for weight in quantized:
+            by_scheme.setdefault(weight.scheme, []).append(module_of(weight.entry.name))
+        if not by_scheme:
+            by_scheme[scheme] = []
+        mixed = len(by_scheme) > 1
+        groups = {}
+        for number, (group_scheme, modules) in enumerate(sorted(
+                by_scheme.items(), key=lambda item: -len(item[1]))):
+            name = preset_of(group_scheme) or f"group_{number}"
+            groups[name] = self._config_group(group_scheme,
+                                              sorted(modules) if mixed else ["Linear"])
+        formats = {group["format"] for group in groups.values()}
+        return {**config, "quantization_config": {
+            "quant_method": "compressed-tensors",
+            "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed",
+            "config_groups": groups,
+            "ignore": sorted(ignore),
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+        }}
+
+    def _config_group(self, scheme: Scheme, targets: list[str]) -> dict[str, Any]:
+        """One config group: the layers, the weights' and inputs' arguments (the fields
+        and values llm-compressor writes for the same preset), and the layout."""
+        return {"targets": targets, "weights": _weight_arguments(scheme),
+                "input_activations": _activation_arguments(scheme),
+                "output_activations": None, "format": self.layout_for(scheme).name}
 
     # ------------------------------------------------------------------------ reading
 
     def recognises(self, header: Header) -> bool:
-        return any(_is_packed(entry) or _is_int_quantized(header, entry)
-                   or _is_float_quantized(header, entry) for entry in header.tensors)
-
-    def find(self, reader: SafetensorsReader,
-             config: dict[str, Any] | None) -> list[StoredWeight]:
-        header = reader.header
-        found = []
         for entry in header.tensors:
-            if _is_packed(entry):
-                weight = entry.name.removesuffix(PACKED)
-                shape = _packed_shape(reader, entry)
-                if weight + SCALE not in header or shape is None:
-                    continue
-                bits = 8 if entry.shape[1] * 4 == shape[1] else 4
-                tensors: list[tuple[str, Role]] = [(entry.name, "codes"),
-                                                   (weight + SCALE, "scale"),
-                                                   (weight + SHAPE, "shape")]
-                if weight + ZERO_POINT in header:
-                    tensors.append((weight + ZERO_POINT, "zero_point"))
-                found.append(_stored_weight(header, weight, "pack-quantized", shape,
-                                            tensors, bits))
-            elif _is_int_quantized(header, entry):
-                tensors = [(entry.name, "codes"), (entry.name + SCALE, "scale")]
-                if entry.name + ZERO_POINT in header:
-                    tensors.append((entry.name + ZERO_POINT, "zero_point"))
-                found.append(_stored_weight(header, entry.name, "int-quantized", entry.shape,
-                                            tensors, 8))
-            elif _is_float_quantized(header, entry):
-                found.append(_stored_weight(
-                    header, entry.name, "float-quantized", entry.shape,
-                    [(entry.name, "codes"), (entry.name + SCALE, "scale")], 8, fp8=True,
-                    block=_fp8_block(config)))
-        return found
-
-    def read_rows(self, reader: SafetensorsReader, weight: StoredWeight, start: int,
-                  stop: int) -> StoredRows:
-        codes_entry = reader.header[weight.codes]
-        columns = weight.row_view[1]
-        scheme = weight.scheme
-        if codes_entry.dtype == "I32":  # packed: q + 2^(bits-1)
-            row_bytes = codes_entry.shape[1] * 4
-            packed = np.empty((stop - start, row_bytes), dtype=np.uint8)
-            reader.read_into(codes_entry, start * row_bytes, packed)
-            offset = 1 << (scheme.bits - 1)
-            unsigned = (packed[:, :columns] if scheme.bits == 8
-                        else unpack_nibbles(packed, columns))
-            codes = (unsigned.astype(np.int16) - offset).astype(np.int8)
-        else:
-            codes = reader.read_rows(codes_entry, weight.row_view, start, stop)
-        found: StoredRows = {"codes": codes, **read_groups(reader, weight, start, stop,
-                                                           ("scale",))}
-        zero_point = weight.tensor("zero_point")
-        if zero_point is not None:
-            entry = reader.header[zero_point]
-            if entry.dtype == "I32":  # packed: 8 output rows to a word
-                found["zero_point"] = _read_packed_zero_points(reader, entry, start, stop)
-            else:
-                found.update(read_groups(reader, weight, start, stop, ("zero_point",)))
-        return found
-
-    def dequantize_rows(self, weight: StoredWeight, rows: StoredRows, dtype: npt.DTypeLike,
-                        path: Path) -> np.ndarray:
-        refuse_bad_scales(path, weight, rows["scale"])
-        return dequantize_rows(rows["codes"], rows["scale"], rows.get("zero_point"),
-                               weight.scheme, dtype)
+            if not entry.name.endswith(".weight" + CT_SCALE):
+                continue
+            weight = entry.name.removesuffix(CT_SCALE)
+            codes = next((header[name] for name in (weight, weight + CT_PACKED)
+                          if name in header), None)
+            if codes is not None and codes.dtype in ("I8", "I32", "U8", "F8_E4M3"):
+                return True
+        return False
 
 
 def _is_embedding(module: str) -> bool:
     return "embed" in module.rsplit(".", 1)[-1] or module.endswith((".wte", ".wpe"))
+
+
+def _two_differing(members: list[tuple[str, Scheme | None]]
+                   ) -> tuple[tuple[str, Scheme | None], tuple[str, Scheme | None]]:
+    first = members[0]
+    second = next(member for member in members if member[1] != first[1])
+    return first, second
+
+
+def _said(scheme: Scheme | None) -> str:
+    return "kept in float" if scheme is None else scheme.describe()
 
 
 def _shape_problem(module: str, shape: tuple[int, ...], scheme: Scheme,
@@ -279,131 +226,37 @@ def _shape_problem(module: str, shape: tuple[int, ...], scheme: Scheme,
     return None
 
 
-def _pack(codes: np.ndarray, bits: int, words: int) -> np.ndarray:
-    """int codes (rows, in) → the bytes of ``weight_packed``: q + 2^(bits−1), densely
-    packed into ``words`` little-endian int32 per row."""
-    unsigned = (codes.view(np.uint8) ^ np.uint8(0x80)) if bits == 8 else (
-        codes.astype(np.int16) + 8).astype(np.uint8)
-    if bits == 8:
-        return unsigned
-    return pack_nibbles(unsigned, words * 4)
+def _arguments(**fields: Any) -> dict[str, Any]:
+    """compressed-tensors' ``QuantizationArgs``, every field as llm-compressor writes it."""
+    return {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+            "strategy": None, "block_structure": None, "dynamic": False, "actorder": None,
+            "scale_dtype": None, "zp_dtype": None, "observer": None, "observer_kwargs": {},
+            **fields}
 
 
-def _pack_zero_points(zero_point: np.ndarray) -> np.ndarray:
-    """INT4 zero points (rows, groups), rows a multiple of 8 but for the last chunk, as
-    compressed-tensors packs them along the output axis: z + 8, eight rows to a word."""
-    rows, groups = zero_point.shape
-    padded = np.zeros((math.ceil(rows / 8) * 8, groups), dtype=np.uint32)
-    padded[:rows] = (zero_point.astype(np.int16) + 8).astype(np.uint32)
-    shifts = (np.arange(8, dtype=np.uint32) * 4)[None, :, None]
-    words: np.ndarray = (padded.reshape(-1, 8, groups) << shifts).sum(axis=1, dtype=np.uint32)
-    return words.view(np.int32)
-
-
-def _read_packed_zero_points(reader: SafetensorsReader, entry: TensorEntry, start: int,
-                             stop: int) -> np.ndarray:
-    groups = entry.shape[1]
-    first, last = start // 8, math.ceil(stop / 8)
-    words = np.empty((last - first, groups), dtype=np.uint32)
-    reader.read_into(entry, first * groups * 4, words)
-    shifts = (np.arange(8, dtype=np.uint32) * 4)[None, :, None]
-    values = ((words[:, None, :] >> shifts) & 0xF).reshape(-1, groups)
-    return (values[start - first * 8:stop - first * 8].astype(np.int16) - 8).astype(np.int8)
-
-
-def _quantization_config(scheme: Scheme, ignore: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` entry of config.json."""
+def _weight_arguments(scheme: Scheme) -> dict[str, Any]:
+    info = scheme.info
+    if info.microscaling:
+        return _arguments(
+            num_bits=scheme.element.bits, type="float", group_size=scheme.block_size,
+            strategy="tensor_group" if info.global_scale else "group",
+            scale_dtype="torch.float8_e4m3fn" if scheme.scale_type == "e4m3" else "torch.uint8")
     if scheme.method == "fp8":
-        compression = "float-quantized"
-        weights: dict[str, Any] = {
-            "num_bits": 8, "type": "float", "symmetric": True,
-            "strategy": "block" if scheme.tiles else scheme.granularity,
-            "group_size": None,
-            "block_structure": [scheme.block_size] * 2 if scheme.tiles else None}
-    else:
-        compression = "pack-quantized"
-        group = scheme.granularity == "block"
-        weights = {"num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric,
-                   "strategy": "group" if group else "channel",
-                   "group_size": scheme.block_size if group else None,
-                   "block_structure": None}
-    weights.update({"dynamic": False, "actorder": None, "observer": "minmax",
-                    "observer_kwargs": {}})
-    return {
-        "quant_method": "compressed-tensors",
-        "format": compression,
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                      "input_activations": None, "output_activations": None,
-                                      "format": compression}},
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-    }
+        return _arguments(type="float", strategy="block" if scheme.tiles else scheme.granularity,
+                          block_structure=[scheme.block_size] * 2 if scheme.tiles else None)
+    group = scheme.granularity == "block"
+    return _arguments(num_bits=scheme.bits, symmetric=scheme.symmetric,
+                      strategy="group" if group else scheme.granularity,
+                      group_size=scheme.block_size if group else None,
+                      zp_dtype=None if scheme.symmetric else "torch.int8")
 
 
-def _is_packed(entry: TensorEntry) -> bool:
-    return entry.name.endswith(PACKED) and entry.dtype == "I32"
-
-
-def _is_int_quantized(header: Header, entry: TensorEntry) -> bool:
-    scale = entry.name + SCALE
-    return (entry.name.endswith(".weight") and entry.dtype == "I8" and scale in header
-            and header[scale].dtype in FLOAT_DTYPES)
-
-
-def _is_float_quantized(header: Header, entry: TensorEntry) -> bool:
-    scale = entry.name + SCALE
-    return (entry.name.endswith(".weight") and entry.dtype == "F8_E4M3" and scale in header
-            and header[scale].dtype in FLOAT_DTYPES)
-
-
-def _fp8_block(config: dict[str, Any] | None) -> int | None:
-    """The FP8 block size config.json declares, if any."""
-    try:
-        weights = config["quantization_config"]["config_groups"]["group_0"]["weights"]  # type: ignore[index]
-        structure = weights.get("block_structure")
-        return int(structure[0]) if structure else None
-    except (KeyError, TypeError, ValueError, IndexError):
+def _activation_arguments(scheme: Scheme) -> dict[str, Any] | None:
+    """Dynamic activations: per token, or per group of 128 beside FP8 tiles (what
+    llm-compressor's W8A8, FP8_DYNAMIC and FP8_BLOCK presets declare)."""
+    if scheme.activations is None:
         return None
-
-
-def _packed_shape(reader: SafetensorsReader, packed: TensorEntry) -> tuple[int, int] | None:
-    """The original shape of a packed weight (from ``X.weight_shape``), if it is
-    consistent with the packed tensor for 8 or 4 bits."""
-    name = packed.name.removesuffix(PACKED) + SHAPE
-    if name not in reader.header:
-        return None
-    stored = reader.header[name]
-    if stored.dtype not in ("I64", "I32") or stored.shape != (2,) or len(packed.shape) != 2:
-        return None
-    rows, columns = (int(v) for v in reader.read_tensor(stored))
-    words = packed.shape[1]
-    if rows == packed.shape[0] and columns > 0 and words in (columns // 4 if columns % 4 == 0
-                                                             else -1, math.ceil(columns / 8)):
-        return rows, columns
-    return None
-
-
-def _stored_weight(header: Header, name: str, compression: str, shape: tuple[int, ...],
-                   tensors: list[tuple[str, Role]], bits: int, fp8: bool = False,
-                   block: int | None = None) -> StoredWeight:
-    scale = header[name + SCALE]
-    columns = shape[-1] if shape else 1
-    groups = scale.shape[-1] if scale.shape else 1
-    method = "fp8" if fp8 else (
-        "affine" if any(role == "zero_point" for _, role in tensors) else "absmax")
-    if scale.numel == 1:
-        scheme = Scheme(method, "tensor", clip="none", bits=bits)  # type: ignore[arg-type]
-    elif fp8 and scale.shape != (shape[0], 1):
-        scheme = Scheme("fp8", "block", block or FP8_BLOCK, "none")
-    elif groups == 1:
-        scheme = Scheme(method, "channel", clip="none", bits=bits)  # type: ignore[arg-type]
-    else:
-        scheme = Scheme(method, "block", max(1, columns // groups), "none",  # type: ignore[arg-type]
-                        bits)
-    kind = "FP8" if fp8 else f"INT{bits}"
-    label = scheme.describe().removeprefix("int4 ").removeprefix("fp8 ")
-    return StoredWeight(name=name, shape=shape, dtype=scale.dtype, scheme=scheme,
-                        format=CompressedTensors.name, tensors=tuple(tensors),
-                        description=f"compressed-tensors {compression} {kind} {label}")
+    kind = "float" if scheme.activations == "fp8" else "int"
+    if scheme.tiles:
+        return _arguments(type=kind, strategy="group", group_size=128, dynamic=True)
+    return _arguments(type=kind, strategy="token", dynamic=True)

@@ -1,49 +1,43 @@
 """The qz format (DESIGN §4; docs/FORMAT.md describes it for other tools).
 
-A quantized tensor ``W`` keeps its name and is stored with a scale ``W_scale`` (F32) and,
-for affine, a zero point ``W_zero_point``, with the shapes of ``Scheme.scale_shape``.
-``__metadata__`` gains ``qz.format_version`` and ``qz.tensors``, a JSON string describing
-each quantized tensor.
+A quantized tensor ``W`` keeps its name and is stored with a scale ``W_scale`` and, for
+affine, a zero point ``W_zero_point`` (NVFP4: a global scale ``W_global_scale``), with
+the shapes of ``Scheme.scale_shape``. ``__metadata__`` gains ``qz.format_version`` and
+``qz.tensors``, a JSON string describing each quantized tensor. The layouts are in
+layouts/ (integers.py, fp8.py, microscaling.py).
 
 * Version 1: INT8 codes, ``W`` as I8 of its own shape, the zero point I8.
-* Version 2 adds what version 1 cannot hold: 4-bit codes, packed two to a byte along the
-  last axis (``W`` as U8 of shape (…, ceil(n / 2)), the first code in the low nibble,
-  two's complement), with scales that may be negative (absmax) and a float32 zero point
-  (affine, fractional); and FP8, ``W`` as F8_E4M3. A file is written as version 1
-  whenever every tensor in it is INT8, so INT8 outputs stay readable by qz 1.0.
+* Version 2 adds 4-bit codes (U8, two to a byte along the last axis), with scales that
+  may be negative and float32 zero points, and FP8 (``W`` as F8_E4M3).
+* Version 3 adds integer codes of 2, 3, 5, 6 and 7 bits (packed densely along the last
+  axis) and the microscaling types NVFP4, MXFP4 and MXFP8.
+
+A file is written in the lowest version that holds its tensors, so INT8 outputs stay
+readable by qz 1.0 and 4-bit and FP8 ones by every qz that reads version 2.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
-from ..core.quantize import RowResult, dequantize_rows
-from ..core.scheme import BITS, GRANULARITIES, METHODS, Scheme
-from ..core.search import PLAIN, Storage
+from ..core import Scheme
+from ..core.elements import INTEGER_BITS, METHODS
+from ..core.scheme import GRANULARITIES
 from ..errors import QuantizedFormatError, SchemeError, located
 from ..storage.dtypes import FLOAT_DTYPES
 from ..storage.header import Header, TensorEntry
 from ..storage.reader import SafetensorsReader
-from .base import (
-    Codec,
-    QuantizedWeight,
-    StoredRows,
-    StoredTensor,
-    StoredWeight,
-    pack_nibbles,
-    read_groups,
-    refuse_bad_scales,
-    unpack_nibbles,
-)
+from .base import ModelFormat, QuantizedWeight
+from .layout import StoredWeight, stored_label
+from .layouts.fp8 import QzFp8
+from .layouts.integers import QzIntegers
+from .layouts.microscaling import QzMicroscaled
+from .layouts.names import QZ_ZERO_POINT
 
-FORMAT_VERSIONS = ("1", "2")
+FORMAT_VERSIONS = ("1", "2", "3")
 KEY_FORMAT_VERSION = "qz.format_version"
 KEY_TENSORS = "qz.tensors"
 #: What config.json's dtype keys say of a qz folder; a loader that reads them as a torch
@@ -51,58 +45,51 @@ KEY_TENSORS = "qz.tensors"
 CONFIG_MARKER = "qz: quantized weights; run `qz dequantize` to restore them"
 #: The keys of config.json that a qz folder replaces (and dequantize restores).
 REPLACED_CONFIG_KEYS = ("dtype", "torch_dtype", "quantization_config")
-#: Below 8 bits qz keeps what the search finds best: a scale of either sign (the
-#: extreme of a symmetric group may sit on the side of -8) and a fractional zero point.
-LOW_BIT_STORAGE = Storage(zero_point="float", negative_scales=True)
-
-
-def scale_name(name: str) -> str:
-    return f"{name}_scale"
-
-
-def zero_point_name(name: str) -> str:
-    return f"{name}_zero_point"
 
 
 def format_version(schemes: Sequence[Scheme]) -> str:
-    """1 when every scheme is INT8 (what qz 1.0 reads), else 2."""
-    return "1" if all(s.bits == 8 and s.method != "fp8" for s in schemes) else "2"
+    """The lowest version that holds every scheme: 1 for INT8 only (what qz 1.0 reads),
+    2 with 4-bit or FP8, else 3.
+
+    >>> [format_version([scheme]) for scheme in (Scheme(), Scheme(bits=4), Scheme("nvfp4"))]
+    ['1', '2', '3']
+    """
+    return max((_version_of(scheme) for scheme in schemes), default="1")
 
 
-class QzFormat(Codec):
+def _version_of(scheme: Scheme) -> str:
+    if scheme.method == "fp8" or (not scheme.element.is_float and scheme.bits == 4):
+        return "2"
+    if scheme.element.is_float or scheme.bits != 8:
+        return "3"
+    return "1"
+
+
+def _packed(scheme: Scheme) -> bool:
+    """Whether the codes are packed below a byte, so that the stored shape differs from
+    the weight's (and ``qz.tensors`` records the weight's)."""
+    return scheme.element.bits < 8
+
+
+class QzFormat(ModelFormat):
     name = "qz"
-    summary = ("qz: codes with float32 scales (and zero points) under the weight's name; "
-               "INT8, 4-bit packed, or FP8")
-    suffix = ""
+    summary = ("qz: codes with their scales (and zero points) under the weight's name; "
+               "INT2-INT8 packed, FP8, NVFP4, MXFP4, MXFP8")
+    prefix = ""
+    layouts = (QzIntegers(), QzFp8(), QzMicroscaled())
+    supported = "the qz format stores weights, not activation quantization"
     tensor_metadata_keys = (KEY_TENSORS,)
 
-    def storage(self, entry: TensorEntry, scheme: Scheme) -> Storage:
-        return LOW_BIT_STORAGE if scheme.bits < 8 else PLAIN
+    def hint(self, scheme: Scheme) -> str | None:
+        if scheme.activations is not None:
+            return "activation quantization is a runtime setting of compressed-tensors " \
+                   "(vLLM): use --format compressed-tensors"
+        return None
 
-    def stored_tensors(self, entry: TensorEntry, scheme: Scheme) -> list[StoredTensor]:
-        return _stored_tensors(entry.name, entry.shape, scheme)
-
-    def produced_valid(self, result: RowResult, scheme: Scheme) -> bool:
-        if scheme.bits == 8:
-            return super().produced_valid(result, scheme)
-        # Below 8 bits scales may be negative and zero points fractional.
-        return bool(np.isfinite(result.scale).all()) and (
-            result.zero_point is None or bool(np.isfinite(result.zero_point).all()))
-
-    def encode(self, entry: TensorEntry, scheme: Scheme, result: RowResult,
-               first_row: int) -> list[tuple[str, np.ndarray]]:
-        codes = result.codes
-        if scheme.bits < 8:  # two's complement nibbles along the original last axis
-            last = entry.shape[-1]
-            codes = pack_nibbles(codes.reshape(-1, last).view(np.uint8), math.ceil(last / 2))
-        pieces: list[tuple[str, np.ndarray]] = [(entry.name, codes)]
-        # Scale rows follow the code rows, so they stream out in step; one scale per
-        # tensor goes out with the first rows.
-        if scheme.granularity != "tensor" or first_row == 0:
-            pieces.append((scale_name(entry.name), result.scale))
-            if result.zero_point is not None:
-                pieces.append((zero_point_name(entry.name), result.zero_point))
-        return pieces
+    def refusal(self, scheme: Scheme, reasons: Sequence[str]) -> str:
+        if scheme.activations is not None:
+            return f"{scheme.activations} activations are for the runtime to quantize"
+        return super().refusal(scheme, reasons)
 
     def shard_metadata(self, metadata: dict[str, str],
                        quantized: Sequence[QuantizedWeight]) -> dict[str, str]:
@@ -151,55 +138,51 @@ class QzFormat(Codec):
              config: dict[str, Any] | None) -> list[StoredWeight]:
         header, path = reader.header, reader.path
         version, described = _described_tensors(header, path)
-        return [_stored_weight(header, name, value, path, version)
+        return [self._stored_weight(header, name, value, path, version)
                 for name, value in described.items()]
 
-    def read_rows(self, reader: SafetensorsReader, weight: StoredWeight, start: int,
-                  stop: int) -> StoredRows:
-        entry = reader.header[weight.codes]
-        columns = weight.row_view[1]
-        if weight.scheme.bits < 8:
-            last = weight.shape[-1]
-            per_row = columns // last * math.ceil(last / 2)  # packed bytes of a row-view row
-            packed = np.empty(((stop - start) * columns // last, math.ceil(last / 2)),
-                              dtype=np.uint8)
-            reader.read_into(entry, start * per_row, packed)
-            nibbles = unpack_nibbles(packed, last).view(np.int8)
-            codes = ((nibbles ^ 8) - 8).reshape(stop - start, columns)  # sign-extend
-        else:
-            codes = reader.read_rows(entry, weight.row_view, start, stop)
-        return {"codes": codes, **read_groups(reader, weight, start, stop)}
-
-    def dequantize_rows(self, weight: StoredWeight, rows: StoredRows, dtype: npt.DTypeLike,
-                        path: Path) -> np.ndarray:
-        codes, scale = rows["codes"], rows["scale"]
-        scheme = weight.scheme
-        refuse_bad_scales(path, weight, scale, negative=scheme.bits < 8)
-        zero_point = rows.get("zero_point")
-        if zero_point is not None and not np.isfinite(zero_point.astype(np.float32)).all():
-            raise QuantizedFormatError(located(path, weight.tensor("zero_point"),
-                                               "holds non-finite zero points"))
-        if scheme.method == "absmax" and scheme.bits == 8 and codes.size and codes.min() < -127:
-            raise QuantizedFormatError(located(
-                path, weight.name, "holds the code -128, outside absmax's range [-127, 127]"))
-        return dequantize_rows(codes, scale, zero_point, scheme, dtype)
-
-
-def _stored_tensors(name: str, shape: tuple[int, ...], scheme: Scheme) -> list[StoredTensor]:
-    scale_shape = scheme.scale_shape(shape)
-    if scheme.method == "fp8":
-        codes = StoredTensor(name, "F8_E4M3", shape, "codes")
-    elif scheme.bits < 8:
-        if not shape:
-            raise SchemeError(f"{scheme.describe()} needs a tensor with at least one axis")
-        codes = StoredTensor(name, "U8", (*shape[:-1], math.ceil(shape[-1] / 2)), "codes")
-    else:
-        codes = StoredTensor(name, "I8", shape, "codes")
-    stored = [codes, StoredTensor(scale_name(name), "F32", scale_shape, "scale")]
-    if not scheme.symmetric:
-        stored.append(StoredTensor(zero_point_name(name), "I8" if scheme.bits == 8 else "F32",
-                                   scale_shape, "zero_point"))
-    return stored
+    def _stored_weight(self, header: Header, name: str, value: Any, path: Path,
+                       version: str) -> StoredWeight:
+        """One ``qz.tensors`` entry, checked against the tensors of the file."""
+        scheme, shape = _parse_entry(name, value, path, version)
+        if name not in header:
+            raise QuantizedFormatError(
+                located(path, name, f"listed in {KEY_TENSORS} but the file has no such tensor"))
+        codes = header[name]
+        shape = shape if shape is not None else codes.shape
+        layout = self.layout_for(scheme)
+        try:
+            expected = layout.stored_tensors(TensorEntry(name, value["dtype"], shape, 0, 0),
+                                             scheme)
+        except SchemeError as error:
+            raise QuantizedFormatError(located(path, name, str(error))) from None
+        if codes.dtype != expected[0].dtype:
+            raise QuantizedFormatError(
+                located(path, name, f"quantized values must be {expected[0].dtype}, found "
+                        f"{codes.dtype}"))
+        if codes.shape != expected[0].shape:
+            raise QuantizedFormatError(
+                located(path, name, f"codes of shape {list(shape)} must be stored as "
+                        f"{list(expected[0].shape)}, found {list(codes.shape)}"))
+        for companion in expected[1:]:
+            if companion.name not in header:
+                raise QuantizedFormatError(
+                    located(path, name, f"{scheme.describe()} needs tensor "
+                            f"{companion.name!r}, which is missing"))
+            found = header[companion.name]
+            if found.dtype != companion.dtype or found.shape != companion.shape:
+                raise QuantizedFormatError(
+                    located(path, companion.name, f"must be {companion.dtype} of shape "
+                            f"{list(companion.shape)}, found {found.dtype} "
+                            f"{list(found.shape)}"))
+        if scheme.symmetric and name + QZ_ZERO_POINT in header:
+            raise QuantizedFormatError(
+                located(path, name, f"{scheme.method} has no zero point, but "
+                        f"{name + QZ_ZERO_POINT!r} exists"))
+        return StoredWeight(
+            name=name, shape=shape, dtype=value["dtype"], scheme=scheme, format=self.name,
+            tensors=tuple((tensor.name, tensor.role) for tensor in expected),
+            description=stored_label(scheme), layout=layout)
 
 
 def _describe(weight: QuantizedWeight) -> dict[str, Any]:
@@ -208,8 +191,9 @@ def _describe(weight: QuantizedWeight) -> dict[str, Any]:
                                  "block": scheme.block_size, "dtype": weight.entry.dtype}
     if scheme.clip != "none":  # optional: absent means the full range
         described["clip"] = scheme.clip
-    if scheme.bits != 8:  # optional: absent means 8
+    if not scheme.element.is_float and scheme.bits != 8:  # optional: absent means 8
         described["bits"] = scheme.bits
+    if _packed(scheme):
         described["shape"] = list(weight.entry.shape)
     return described
 
@@ -220,7 +204,7 @@ def _described_tensors(header: Header, path: Path) -> tuple[str, dict[str, Any]]
     if version not in FORMAT_VERSIONS:
         raise QuantizedFormatError(
             located(path, None, f"unsupported qz format version {version!r} (this qz reads "
-                    f"{' and '.join(FORMAT_VERSIONS)})"),
+                    f"{', '.join(FORMAT_VERSIONS[:-1])} and {FORMAT_VERSIONS[-1]})"),
             hint="a newer qz may read it",
         )
     try:
@@ -233,50 +217,9 @@ def _described_tensors(header: Header, path: Path) -> tuple[str, dict[str, Any]]
     return version, described
 
 
-def _stored_weight(header: Header, name: str, value: Any, path: Path,
-                   version: str) -> StoredWeight:
-    """One ``qz.tensors`` entry, checked against the tensors of the file."""
-    scheme, shape = _parse_entry(name, value, path, version)
-    if name not in header:
-        raise QuantizedFormatError(
-            located(path, name, f"listed in {KEY_TENSORS} but the file has no such tensor"))
-    codes = header[name]
-    shape = shape if shape is not None else codes.shape
-    try:
-        expected = _stored_tensors(name, shape, scheme)
-    except SchemeError as error:
-        raise QuantizedFormatError(located(path, name, str(error))) from None
-    if codes.dtype != expected[0].dtype:
-        raise QuantizedFormatError(
-            located(path, name, f"quantized values must be {expected[0].dtype}, found "
-                    f"{codes.dtype}"))
-    if codes.shape != expected[0].shape:
-        raise QuantizedFormatError(
-            located(path, name, f"codes of shape {list(shape)} must be stored as "
-                    f"{list(expected[0].shape)}, found {list(codes.shape)}"))
-    for companion in expected[1:]:
-        if companion.name not in header:
-            raise QuantizedFormatError(
-                located(path, name, f"{scheme.describe()} needs tensor {companion.name!r}, "
-                        "which is missing"))
-        found = header[companion.name]
-        if found.dtype != companion.dtype or found.shape != companion.shape:
-            raise QuantizedFormatError(
-                located(path, companion.name, f"must be {companion.dtype} of shape "
-                        f"{list(companion.shape)}, found {found.dtype} {list(found.shape)}"))
-    if scheme.symmetric and zero_point_name(name) in header:
-        raise QuantizedFormatError(
-            located(path, name, f"{scheme.method} has no zero point, but "
-                    f"{zero_point_name(name)!r} exists"))
-    kind = "FP8" if scheme.method == "fp8" else f"INT{scheme.bits}"
-    return StoredWeight(
-        name=name, shape=shape, dtype=value["dtype"], scheme=scheme, format="qz",
-        tensors=tuple((tensor.name, tensor.role) for tensor in expected),
-        description=f"{kind} {_without_bits(scheme.describe())}")
-
-
-def _without_bits(label: str) -> str:
-    return label.removeprefix("int4 ").removeprefix("fp8 ")
+#: What each version's ``qz.tensors`` entries may say.
+_METHODS = {"1": ("absmax", "affine"), "2": ("absmax", "affine", "fp8"), "3": METHODS}
+_BITS = {"1": (8,), "2": (4, 8), "3": INTEGER_BITS}
 
 
 def _parse_entry(name: str, value: Any, path: Path,
@@ -292,8 +235,7 @@ def _parse_entry(name: str, value: Any, path: Path,
     if not isinstance(value, dict) or not required <= set(value) <= required | optional:
         raise bad("expected the keys method, granularity, block, dtype (and clip"
                   + (", bits, shape" if version != "1" else "") + ")")
-    methods = METHODS if version != "1" else ("absmax", "affine")
-    if value["method"] not in methods or value["granularity"] not in GRANULARITIES:
+    if value["method"] not in _METHODS[version] or value["granularity"] not in GRANULARITIES:
         raise bad(f"unknown method/granularity {value['method']!r}/{value['granularity']!r}")
     block = value["block"]
     if value["granularity"] == "block":
@@ -304,15 +246,16 @@ def _parse_entry(name: str, value: Any, path: Path,
     if value["dtype"] not in FLOAT_DTYPES:
         raise bad(f"original dtype {value['dtype']!r} is not a float dtype qz quantizes")
     bits = value.get("bits", 8)
-    if type(bits) is not int or bits not in BITS:
-        raise bad(f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
-    shape = value.get("shape")
-    if (shape is None) != (bits == 8) or (shape is not None and not (
-            isinstance(shape, list) and shape and all(type(d) is int and d >= 0 for d in shape))):
-        raise bad("a packed (4-bit) tensor needs its shape, a list of sizes; no other does")
+    if type(bits) is not int or bits not in _BITS[version]:
+        raise bad(f"bits must be one of {', '.join(map(str, _BITS[version]))}, got {bits!r}")
     try:
         scheme = Scheme(value["method"], value["granularity"], block, value.get("clip", "none"),
                         bits)
     except SchemeError as error:
         raise bad(str(error)) from None
+    shape = value.get("shape")
+    if (shape is None) == _packed(scheme) or (shape is not None and not (
+            isinstance(shape, list) and shape and all(type(d) is int and d >= 0 for d in shape))):
+        raise bad("a packed (below 8 bits) tensor needs its shape, a list of sizes; no other "
+                  "does")
     return scheme, None if shape is None else tuple(shape)

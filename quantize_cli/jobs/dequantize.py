@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DtypeRangeError, OutputError, QuantizedFormatError, located
-from ..formats import FORMATS, Codec, StoredWeight, detect
+from ..formats import DEQUANTIZED_SUFFIX, FORMATS, ModelFormat, StoredWeight, detect
 from ..storage.checkpoint import Shard, open_checkpoint
 from ..storage.dtypes import OUTPUT_DTYPES, numpy_dtype
 from ..storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader, row_ranges
@@ -47,16 +47,16 @@ def dequantize_checkpoint(
         raise ValueError(f"unknown dtype {dtype!r}")
     progress = progress or NoProgress()
     checkpoint = open_checkpoint(source)
-    output_plan = outputs.plan_output(checkpoint, output, "dequant", folder_format=False)
+    output_plan = outputs.plan_output(checkpoint, output, DEQUANTIZED_SUFFIX, folder_format=False)
     config = outputs.model_config(checkpoint)
-    found: dict[str, tuple[Codec | None, dict[str, StoredWeight]]] = {}
+    found: dict[str, tuple[ModelFormat | None, dict[str, StoredWeight]]] = {}
     for shard in checkpoint.shards:
-        codec = detect(shard.header)
+        fmt = detect(shard.header)
         with SafetensorsReader(shard.path) as reader:
-            weights = codec.find(reader, config) if codec is not None else []
-        found[shard.path.name] = (codec, {weight.codes: weight for weight in weights})
-    codecs = [codec for codec, _ in found.values() if codec is not None]
-    if not codecs:
+            weights = fmt.find(reader, config) if fmt is not None else []
+        found[shard.path.name] = (fmt, {weight.codes: weight for weight in weights})
+    formats = [fmt for fmt, _ in found.values() if fmt is not None]
+    if not formats:
         raise QuantizedFormatError(located(
             checkpoint.source, None, "not a quantized checkpoint: no file is in a format "
             f"qz reads ({', '.join(FORMATS)})"))
@@ -66,10 +66,10 @@ def dequantize_checkpoint(
     with outputs.Destination(output_plan, checkpoint, force) as destination:
         shard_tensors = {}
         for shard in checkpoint.shards:
-            codec, by_codes = found[shard.path.name]
+            fmt, by_codes = found[shard.path.name]
             planned, restored = _plan_shard(shard, by_codes, dtype)
             shard_target = destination.path_for(shard)
-            _dequantize_shard(shard, codec, planned, restored, shard_target, progress,
+            _dequantize_shard(shard, fmt, planned, restored, shard_target, progress,
                               chunk_bytes)
             shard_tensors[shard.path.name] = planned
             output_bytes += shard_target.stat().st_size
@@ -78,7 +78,7 @@ def dequantize_checkpoint(
                                           else None) for t in planned]
         if output_plan.folder:
             outputs.finish_folder(destination, checkpoint, shard_tensors,
-                                  codecs[0].float_config(config) if config is not None
+                                  formats[0].float_config(config) if config is not None
                                   else None)
         destination.publish()
     return DequantizeReport(checkpoint.source, output_plan.path, tensors, output_bytes,
@@ -102,15 +102,15 @@ def _plan_shard(shard: Shard, weights: dict[str, StoredWeight],
     return planned, restored
 
 
-def _dequantize_shard(shard: Shard, codec: Codec | None, planned: list[PlannedTensor],
+def _dequantize_shard(shard: Shard, fmt: ModelFormat | None, planned: list[PlannedTensor],
                       restored: dict[str, StoredWeight], target: Path, progress: Progress,
                       chunk_bytes: int) -> None:
     header = shard.header
     with ExitStack() as stack:
         reader = stack.enter_context(SafetensorsReader(shard.path))
         metadata = without_qz_keys(header.metadata)
-        if codec is not None:
-            metadata = codec.float_metadata(metadata)
+        if fmt is not None:
+            metadata = fmt.float_metadata(metadata)
         writer = stack.enter_context(SafetensorsWriter(target, planned, metadata))
         # Every read of the shard, in order: raw pieces of the tensors that are copied and
         # stored rows of the quantized weights; each is read while the one before is
@@ -123,12 +123,11 @@ def _dequantize_shard(shard: Shard, codec: Codec | None, planned: list[PlannedTe
                 steps += [(tensor, None, partial(reader.read_bytes, entry, start, stop))
                           for start, stop in row_ranges(entry.nbytes, 1, chunk_bytes)]
             else:
-                assert codec is not None
                 rows, columns = weight.row_view
                 # Chunks are sized by the float32 values they become, the largest buffer.
-                steps += [(tensor, weight, partial(codec.read_rows, reader, weight, start, stop))
+                steps += [(tensor, weight, partial(weight.read_rows, reader, start, stop))
                           for start, stop in row_ranges(rows, columns * 4, chunk_bytes,
-                                                        codec.row_multiple(weight.scheme))]
+                                                        weight.row_multiple)]
         reads = stack.enter_context(ReadAhead([(index, read) for index, (_, _, read)
                                                in enumerate(steps)]))
         for index, (tensor, weight, read) in enumerate(steps):
@@ -137,10 +136,8 @@ def _dequantize_shard(shard: Shard, codec: Codec | None, planned: list[PlannedTe
                 writer.write(tensor.name, stored)
                 progress.advance(stored.nbytes, tensor.name)
                 continue
-            assert codec is not None
             try:
-                values = codec.dequantize_rows(weight, stored, numpy_dtype(tensor.dtype),
-                                               reader.path)
+                values = weight.dequantize_rows(stored, numpy_dtype(tensor.dtype), reader.path)
             except DtypeRangeError:
                 raise OutputError(
                     located(reader.path, weight.name, f"values exceed the range of "
@@ -148,6 +145,6 @@ def _dequantize_shard(shard: Shard, codec: Codec | None, planned: list[PlannedTe
                     hint="choose a wider --dtype",
                 ) from None
             writer.write(tensor.name, values)
-            progress.advance(stored["codes"].nbytes, tensor.name)
+            progress.advance(stored.codes.nbytes, tensor.name)
         reader.check_unchanged()
         writer.publish()

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.quantize import as_float32, find_non_finite
-from ..core.stats import ErrorStats, compare
+from ..core import ErrorStats, find_non_finite
+from ..core.stats import compare
+from ..core.values import as_float32
 from ..errors import (
     DtypeRangeError,
     InputError,
@@ -26,7 +27,7 @@ from ..errors import (
     QuantizedFormatError,
     located,
 )
-from ..formats import Codec, StoredWeight, detect
+from ..formats import StoredWeight, detect
 from ..storage.checkpoint import Checkpoint, open_checkpoint
 from ..storage.dtypes import DTYPE_BITS, FLOAT_DTYPES, INTEGER_DTYPES, numpy_dtype
 from ..storage.header import TensorEntry
@@ -49,7 +50,6 @@ class LogicalTensor:
     reader: SafetensorsReader
     entry: TensorEntry  # the stored tensor (the codes, for a quantized weight)
     weight: StoredWeight | None = None
-    codec: Codec | None = None
 
     @property
     def stored_bytes(self) -> int:
@@ -67,9 +67,7 @@ class LogicalTensor:
     def multiple(self) -> int:
         """Chunks must hold a multiple of this many slices (rows of tiles, packed zero
         points: only 2-D weights have them, where a slice is a row)."""
-        if self.weight is None or self.codec is None:
-            return 1
-        return self.codec.row_multiple(self.weight.scheme)
+        return 1 if self.weight is None else self.weight.row_multiple
 
     @property
     def slices(self) -> int:
@@ -85,15 +83,15 @@ def logical_tensors(checkpoint: Checkpoint,
     config = model_config(checkpoint)
     for shard in checkpoint.shards:
         reader = reader_for(shard.path)
-        codec = detect(shard.header)
-        weights = codec.find(reader, config) if codec is not None else []
+        fmt = detect(shard.header)
+        weights = fmt.find(reader, config) if fmt is not None else []
         by_codes = {weight.codes: weight for weight in weights}
         stored = {name for weight in weights for name, _ in weight.tensors}
         for entry in shard.header.tensors:
             weight = by_codes.get(entry.name)
             if weight is not None:
                 tensors[weight.name] = LogicalTensor(weight.name, weight.shape, weight.dtype,
-                                                     reader, entry, weight, codec)
+                                                     reader, entry, weight)
             elif entry.name not in stored:
                 tensors[entry.name] = LogicalTensor(entry.name, entry.shape, entry.dtype,
                                                     reader, entry)
@@ -199,7 +197,7 @@ def _read_float_slices(tensor: LogicalTensor, start: int, stop: int,
                        per_slice: int) -> np.ndarray:
     """Slices [start, stop) along the first axis, as a flat float32 array."""
     reader, weight = tensor.reader, tensor.weight
-    if weight is None or tensor.codec is None:
+    if weight is None:
         dtype = numpy_dtype(tensor.entry.dtype)
         raw = np.empty((stop - start) * per_slice, dtype=dtype)
         reader.read_into(tensor.entry, start * per_slice * dtype.itemsize, raw)
@@ -207,9 +205,9 @@ def _read_float_slices(tensor: LogicalTensor, start: int, stop: int,
     # Rows of the weight's row view per slice of the first axis (a whole number for every
     # granularity, since its rows never cross a slice).
     per = weight.row_view[0] // tensor.slices if tensor.slices else 0
-    rows = tensor.codec.read_rows(reader, weight, start * per, stop * per)
+    rows = weight.read_rows(reader, start * per, stop * per)
     try:
-        values = tensor.codec.dequantize_rows(weight, rows, np.float32, reader.path)
+        values = weight.dequantize_rows(rows, np.float32, reader.path)
     except DtypeRangeError:
         raise QuantizedFormatError(located(reader.path, tensor.name, "scales too large: the "
                                            "values overflow float32")) from None

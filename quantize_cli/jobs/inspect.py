@@ -27,13 +27,13 @@ def inspect_checkpoint(source: str | Path) -> InspectReport:
     tensor_metadata_keys: tuple[str, ...] = ()
     for shard in checkpoint.shards:
         header = shard.header
-        codec = detect(header)
+        fmt = detect(header)
         weights: list[StoredWeight] = []
-        if codec is not None:
+        if fmt is not None:
             with SafetensorsReader(shard.path) as reader:
-                weights = codec.find(reader, config)
-            format_name, format_version = codec.name, codec.version(header)
-            tensor_metadata_keys = codec.tensor_metadata_keys
+                weights = fmt.find(reader, config)
+            format_name, format_version = fmt.name, fmt.version(header)
+            tensor_metadata_keys = fmt.tensor_metadata_keys
         stored: dict[str, tuple[StoredWeight, Role]] = {
             name: (weight, role) for weight in weights for name, role in weight.tensors}
         shard_name = shard.path.name if checkpoint.sharded else None

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, OutputError, located
+from ..formats import strip_suffix
 from ..storage.checkpoint import Checkpoint, Shard
 from ..storage.dtypes import DTYPE_BITS
 from ..storage.jsonfile import loads_strict
@@ -35,8 +35,6 @@ OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpa
                          ".onnx_data", ".ot", ".npz", ".pdparams", ".nemo", ".tflite")
 #: Folders that hold another copy of the weights (Llama's ``original/`` checkpoint).
 OTHER_WEIGHT_FOLDERS = ("original",)
-#: What qz appends to output names; stripped first so that names do not stack up.
-_QZ_SUFFIX = re.compile(r"\.(?:[a-z]+-)?(?:int\d+|fp8)$|\.dequant$")
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,7 @@ def _beside(source: Path, suffix: str, folder: bool) -> Path:
     folder) or ``model.<suffix>.safetensors``; a suffix qz gave is replaced."""
     if source.name in ("", ".", ".."):
         source = source.resolve()
-    stem = _QZ_SUFFIX.sub("", source.name.removesuffix(".safetensors"))
+    stem = strip_suffix(source.name.removesuffix(".safetensors"))
     name = f"{stem}.{suffix}" if folder or source.is_dir() else f"{stem}.{suffix}.safetensors"
     return source.parent / name
 

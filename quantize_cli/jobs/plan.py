@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..core.scheme import Scheme
 from ..errors import InputError, located
-from ..formats import Codec, Deployment, QuantizedWeight, StoredTensor
+from ..formats import Deployment, ModelFormat, QuantizedWeight, StoredTensor
 from ..storage.dtypes import DTYPE_BITS, FLOAT_DTYPES
 from ..storage.header import Header, TensorEntry
 from ..storage.writer import PlannedTensor
@@ -55,16 +55,17 @@ class TensorPlan:
         assert self.scheme is not None
         return QuantizedWeight(self.entry, self.scheme)
 
-    def with_scheme(self, scheme: Scheme | None, reason: str, codec: Codec) -> TensorPlan:
+    def with_scheme(self, scheme: Scheme | None, reason: str, fmt: ModelFormat) -> TensorPlan:
         """The same tensor with another decision (e.g. one chosen by --target-sqnr)."""
         return replace(self, scheme=scheme, reason=reason,
-                       outputs=_outputs(self.entry, scheme, codec))
+                       outputs=_outputs(self.entry, scheme, fmt))
 
 
-def _outputs(entry: TensorEntry, scheme: Scheme | None, codec: Codec) -> tuple[PlannedTensor, ...]:
+def _outputs(entry: TensorEntry, scheme: Scheme | None,
+             fmt: ModelFormat) -> tuple[PlannedTensor, ...]:
     if scheme is None:
         return (PlannedTensor(entry.name, entry.dtype, entry.shape),)
-    return tuple(codec.stored_tensors(entry, scheme))
+    return tuple(fmt.stored_tensors(entry, scheme))
 
 
 def select(
@@ -103,15 +104,15 @@ def select(
     return True, f"{entry.dtype}, {len(entry.shape)}-D"
 
 
-def plan_tensor(entry: TensorEntry, scheme: Scheme, codec: Codec,
+def plan_tensor(entry: TensorEntry, scheme: Scheme, fmt: ModelFormat,
                 include: Sequence[str] = (), exclude: Sequence[str] = (),
                 deployment: Deployment = ONE_GPU, rules: Sequence[Rule] = ()) -> TensorPlan:
     """Decide one tensor: the selection rules, the ``--rule`` that matches its name (the
     last), then what the format can store.
 
-    >>> from quantize_cli.formats import codec_for
+    >>> from quantize_cli.formats import format_named
     >>> plan = plan_tensor(TensorEntry("w", "F32", (64, 128), 0, 32768), Scheme(),
-    ...                    codec_for("qz"))
+    ...                    format_named("qz"))
     >>> [tensor.name for tensor in plan.outputs], plan.output_bytes
     (['w', 'w_scale'], 8448)
     """
@@ -122,15 +123,15 @@ def plan_tensor(entry: TensorEntry, scheme: Scheme, codec: Codec,
         chosen, reason = rule.scheme is not None, f"--rule {rule.text}"
         scheme = rule.scheme or scheme
     if chosen:
-        kept = codec.keep_reason(entry, scheme, deployment)
+        kept = fmt.keep_reason(entry, scheme, deployment)
         if kept is not None:
             chosen, reason = False, kept
     chosen_scheme = scheme if chosen else None
-    return TensorPlan(entry, chosen_scheme, reason, _outputs(entry, chosen_scheme, codec),
+    return TensorPlan(entry, chosen_scheme, reason, _outputs(entry, chosen_scheme, fmt),
                       selected, rule.text if rule else None)
 
 
-def plan_shard(header: Header, path: str | Path, scheme: Scheme, codec: Codec,
+def plan_shard(header: Header, path: str | Path, scheme: Scheme, fmt: ModelFormat,
                include: Sequence[str] = (), exclude: Sequence[str] = (),
                deployment: Deployment = ONE_GPU, rules: Sequence[Rule] = ()
                ) -> list[TensorPlan]:
@@ -139,7 +140,7 @@ def plan_shard(header: Header, path: str | Path, scheme: Scheme, codec: Codec,
     Raises:
         InputError: a name the format would write for a quantized tensor already exists.
     """
-    plans = [plan_tensor(entry, scheme, codec, include, exclude, deployment, rules)
+    plans = [plan_tensor(entry, scheme, fmt, include, exclude, deployment, rules)
              for entry in header.tensors]
     check_collisions(plans, header, path)
     return plans

@@ -54,6 +54,8 @@ def command_line(source: str, options: dict[str, Any]) -> str:
     parts = ["qz", "quantize", source, "--method", options["method"]]
     if options.get("bits", 8) != 8:
         parts += ["--bits", str(options["bits"])]
+    if options.get("activations") is not None:
+        parts += ["--activations", options["activations"]]
     targets = [(flag, options.get(key)) for flag, key in (
         ("--target-sqnr", "target_sqnr"), ("--target-bits", "target_bits"))]
     if all(value is None for _, value in targets):

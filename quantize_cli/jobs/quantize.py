@@ -1,5 +1,5 @@
 """The quantize job: plan every tensor from the headers, check the output, then stream
-each shard through its format's codec.
+each shard through the layouts of its format.
 
 Tensors are read in row chunks of at most ``chunk_bytes`` and written as they are
 produced, so memory is bounded by a chunk, never by a tensor or the checkpoint.
@@ -12,11 +12,18 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from ..core.quantize import RowResult
-from ..core.scheme import BITS, Scheme
-from ..core.stats import ErrorStats
+from ..core import ErrorStats, RowResult, Scheme, value_range
 from ..errors import InputError, InternalCheckError, SchemeError, located
-from ..formats import DEFAULT_FORMAT, FORMATS, Codec, Deployment, codec_for, detect
+from ..formats import (
+    DEFAULT_FORMAT,
+    FORMATS,
+    Deployment,
+    Layout,
+    ModelFormat,
+    detect,
+    format_named,
+    output_suffix,
+)
 from ..storage.checkpoint import Checkpoint, Shard, open_checkpoint
 from ..storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader
 from ..storage.stream import ShardStream, StreamHasher, TensorChunks
@@ -25,8 +32,8 @@ from . import outputs
 from .plan import TensorPlan, check_patterns, plan_shard
 from .provenance import PENDING_HASH, command_line, provenance
 from .reports import NoProgress, Progress, QuantizeReport, TensorReport
-from .rules import Rule, parse_rules
-from .target import candidate_schemes, choose_for_bits, choose_for_sqnr, measure
+from .rules import parse_rules
+from .target import TARGET_BITS, candidate_schemes, choose_for_bits, choose_for_sqnr, measure
 from .tensor import quantized_chunks
 
 
@@ -73,57 +80,63 @@ def quantize_checkpoint(
             the format cannot store the scheme, a tensor holds NaN/inf, or the output
             cannot be written. Nothing is written then.
     """
-    codec = codec_for(format)
-    scheme = scheme or codec.default_scheme
+    fmt = format_named(format)
+    scheme = scheme or fmt.default_scheme
     progress = progress or NoProgress()
-    codec.check_scheme(scheme)
+    fmt.check_scheme(scheme)
     parsed_rules = parse_rules(rules, scheme)
     for rule in parsed_rules:
         if rule.scheme is not None:
-            codec.check_scheme(rule.scheme)
-    _check_targets(codec, target_sqnr, target_bits, parsed_rules)
-    if tensor_parallel != 1 and not codec.tensor_parallel:
+            fmt.check_scheme(rule.scheme)
+    _check_targets(target_sqnr, target_bits)
+    if tensor_parallel != 1 and not fmt.tensor_parallel:
         served = ", ".join(name for name, other in FORMATS.items() if other.tensor_parallel)
         raise SchemeError(f"--tensor-parallel applies to the formats vLLM runs ({served}), "
-                          f"not to {codec.name}")
+                          f"not to {fmt.name}")
     checkpoint = open_checkpoint(source)
     _refuse_quantized(checkpoint)
-    output_plan = outputs.plan_output(checkpoint, output, codec.output_suffix(scheme, target_bits),
-                                      codec.folder_output)
+    output_plan = outputs.plan_output(checkpoint, output,
+                                      output_suffix(fmt, scheme, target_bits), fmt.folder_output)
     config = outputs.model_config(checkpoint)
     deployment = Deployment(tensor_parallel, config)
-    plans = {shard.path.name: plan_shard(shard.header, shard.path, scheme, codec, include,
+    plans = {shard.path.name: plan_shard(shard.header, shard.path, scheme, fmt, include,
                                          exclude, deployment, parsed_rules)
              for shard in checkpoint.shards}
     check_patterns(checkpoint.source, [plan for shard_plans in plans.values()
                                        for plan in shard_plans], include, exclude, parsed_rules)
-    if target_sqnr is not None or target_bits is not None:
-        schemes = candidate_schemes(scheme, codec, BITS if target_bits else (scheme.bits,))
-        candidates = measure(checkpoint, plans, schemes, codec, deployment, chunk_bytes,
+    if target_sqnr is None and target_bits is None:
+        fmt.check_model(_decided(plans))
+    else:
+        schemes = candidate_schemes(scheme, fmt, TARGET_BITS if target_bits else (scheme.bits,))
+        candidates = measure(checkpoint, plans, schemes, fmt, deployment, chunk_bytes,
                              progress, target_sqnr if target_bits is None else None)
         if target_bits is not None:
             plans = choose_for_bits(checkpoint, plans, candidates, target_bits, target_sqnr,
-                                    codec)
+                                    fmt)
         elif target_sqnr is not None:
-            plans = choose_for_sqnr(plans, candidates, target_sqnr, codec)
+            plans = choose_for_sqnr(plans, candidates, target_sqnr, fmt)
     _refuse_nothing_to_do(checkpoint, plans, target_sqnr)
     options: dict[str, Any] = {
         "method": scheme.method, "granularity": scheme.granularity,
         "block": scheme.block_size, "clip": scheme.clip, "include": list(include),
-        "exclude": list(exclude), "target_sqnr": target_sqnr, "format": codec.name}
+        "exclude": list(exclude), "target_sqnr": target_sqnr, "format": fmt.name}
     # Options added since qz 1.0 are recorded when used, so that an INT8 file made
     # without them is byte for byte what qz 1.0 wrote.
-    for key, value, default in (("bits", scheme.bits, 8), ("rules", list(rules), []),
+    bits = 8 if scheme.element.is_float else scheme.bits
+    for key, value, default in (("bits", bits, 8), ("activations", scheme.activations, None),
+                                ("rules", list(rules), []),
                                 ("target_bits", target_bits, None),
                                 ("tensor_parallel", tensor_parallel, 1),
                                 ("hash", hash_source, True)):
         if value != default:
             options[key] = value
     command = command_line(checkpoint.source.name, options)
-    notes: tuple[str, ...] = ()
-    if output_plan.folder and codec.folder_output and config is None:
-        notes = (f"no config.json beside the input, so the output has none: loaders need "
-                 f"the model's config.json, with what {codec.name} adds to it",)
+    every = [plan for shard_plans in plans.values() for plan in shard_plans]
+    notes = tuple(fmt.notes(list(dict.fromkeys(plan.scheme for plan in every
+                                               if plan.scheme is not None))))
+    if output_plan.folder and fmt.folder_output and config is None:
+        notes += (f"no config.json beside the input, so the output has none: loaders need "
+                  f"the model's config.json, with what {fmt.name} adds to it",)
 
     def report_for(shard: Shard, stats: dict[str, ErrorStats]) -> list[TensorReport]:
         return [TensorReport(
@@ -134,46 +147,76 @@ def quantize_checkpoint(
         ) for plan in plans[shard.path.name]]
 
     def report(tensors: list[TensorReport]) -> QuantizeReport:
-        return QuantizeReport(checkpoint.source, output_plan.path, scheme, codec.name,
+        return QuantizeReport(checkpoint.source, output_plan.path, scheme, fmt.name,
                               sorted(tensors, key=lambda tensor: tensor.name), dry_run,
                               outputs.folder_report(output_plan, notes), target_bits)
 
     if dry_run:
         return report([t for shard in checkpoint.shards for t in report_for(shard, {})])
 
+    magnitudes = _global_magnitudes(checkpoint, plans, fmt, chunk_bytes, progress)
     tensors: list[TensorReport] = []
     progress.start(checkpoint.data_bytes, "quantizing")
     with outputs.Destination(output_plan, checkpoint, force) as destination:
         for shard in checkpoint.shards:
             stats = _quantize_shard(shard, plans[shard.path.name], destination.path_for(shard),
-                                    codec, options, command, error_stats, progress,
-                                    chunk_bytes)
+                                    fmt, options, command, error_stats, progress,
+                                    chunk_bytes, magnitudes)
             tensors += report_for(shard, stats)
         if output_plan.folder:
-            every = [plan for shard_plans in plans.values() for plan in shard_plans]
             outputs.finish_folder(
                 destination, checkpoint,
                 {name: [t for plan in shard_plans for t in plan.outputs]
                  for name, shard_plans in plans.items()},
-                codec.model_config(config, scheme,
-                                   [plan.as_quantized_weight() for plan in every
-                                    if plan.quantized],
-                                   [plan.entry for plan in every if not plan.quantized]))
+                fmt.model_config(config, scheme,
+                                 [plan.as_quantized_weight() for plan in every
+                                  if plan.quantized],
+                                 [plan.entry for plan in every if not plan.quantized]))
         destination.publish()
     return report(tensors)
 
 
-def _check_targets(codec: Codec, target_sqnr: float | None, target_bits: float | None,
-                   rules: Sequence[Rule]) -> None:
-    """Refuse, before any work, targets and rules the format or the numbers rule out."""
-    mixing = [what for what, given in (
-        ("--target-sqnr", target_sqnr is not None), ("--target-bits", target_bits is not None),
-        ("a --rule with a scheme", any(rule.scheme is not None for rule in rules))) if given]
-    if mixing and not codec.mixed_schemes:
-        raise SchemeError(f"{mixing[0]} cannot be combined with the {codec.name} format, "
-                          "which has one scheme for all layers",
-                          hint="--rule GLOB=keep leaves layers in float; --format qz or mlx "
-                          "mix schemes")
+def _decided(plans: dict[str, list[TensorPlan]]) -> dict[str, Scheme | None]:
+    return {plan.name: plan.scheme for shard_plans in plans.values() for plan in shard_plans}
+
+
+def _global_magnitudes(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]],
+                       fmt: ModelFormat, chunk_bytes: int, progress: Progress
+                       ) -> dict[str, float]:
+    """The largest magnitude of every tensor whose NVFP4 global scale is shared with the
+    layers a runtime fuses it with (vLLM takes the largest of their global scales, so
+    llm-compressor makes them equal), over those layers, wherever their shards are. One
+    reading pass over those tensors, before any is quantized."""
+    shared = {plan.name: key for shard_plans in plans.values() for plan in shard_plans
+              if plan.scheme is not None and plan.scheme.info.global_scale
+              and fmt.layout_for(plan.scheme).storage(plan.entry.dtype, plan.scheme).global_scale
+              and (key := fmt.fused_with(plan.name)) is not None}
+    if not shared:
+        return {}
+    measured = {shard.path.name: [plan for plan in plans[shard.path.name] if plan.name in shared]
+                for shard in checkpoint.shards}
+    progress.start(sum(plan.entry.nbytes for found in measured.values() for plan in found),
+                   "measuring")
+    largest: dict[str, float] = {}
+    for shard in checkpoint.shards:
+        found = measured[shard.path.name]
+        layout = [(plan.entry, (plan.entry.numel // plan.entry.shape[-1], plan.entry.shape[-1]),
+                   1) for plan in found]
+        with SafetensorsReader(shard.path) as reader, \
+                ShardStream(reader, layout, chunk_bytes) as stream:
+            for plan, (entry, row_shape, _) in zip(found, layout, strict=True):
+                magnitude = 0.0
+                for rows in stream.rows(entry, row_shape):
+                    low, high = value_range(rows)
+                    magnitude = max(magnitude, -low, high)
+                    progress.advance(rows.nbytes, plan.name)
+                key = shared[plan.name]
+                largest[key] = max(largest.get(key, 0.0), magnitude)
+    return {name: largest[key] for name, key in shared.items()}
+
+
+def _check_targets(target_sqnr: float | None, target_bits: float | None) -> None:
+    """Refuse, before any work, targets the numbers rule out."""
     if target_sqnr is not None and not target_sqnr > 0:
         raise SchemeError(f"--target-sqnr must be a positive number of dB, got {target_sqnr:g}",
                           hint="typical targets: 20 dB at 4 bits, 35-45 dB at 8 bits")
@@ -184,11 +227,11 @@ def _check_targets(codec: Codec, target_sqnr: float | None, target_bits: float |
 
 def _refuse_quantized(checkpoint: Checkpoint) -> None:
     for shard in checkpoint.shards:
-        codec = detect(shard.header)
-        if codec is not None:
-            version = codec.version(shard.header)
+        found = detect(shard.header)
+        if found is not None:
+            version = found.version(shard.header)
             raise InputError(
-                located(shard.path, None, f"is already quantized ({codec.name} format"
+                located(shard.path, None, f"is already quantized ({found.name} format"
                         + (f", version {version})" if version else ")")),
                 hint="run qz dequantize first",
             )
@@ -217,23 +260,26 @@ def _quantize_shard(
     shard: Shard,
     plans: list[TensorPlan],
     target: Path,
-    codec: Codec,
+    fmt: ModelFormat,
     options: dict[str, Any],
     command: str,
     error_stats: bool,
     progress: Progress,
     chunk_bytes: int,
+    magnitudes: dict[str, float],
 ) -> dict[str, ErrorStats]:
     hash_source = options.get("hash", True)
-    metadata = codec.shard_metadata(shard.header.metadata,
-                                    [plan.as_quantized_weight() for plan in plans
-                                     if plan.quantized])
+    metadata = fmt.shard_metadata(shard.header.metadata,
+                                  [plan.as_quantized_weight() for plan in plans
+                                   if plan.quantized])
     # The input's hash is taken from the data as it is read, and written into the header
     # at the end (a placeholder of the same length holds its place).
     metadata.update(provenance(shard.path.name, PENDING_HASH if hash_source else None,
                                options, command))
-    layout = [(plan.entry, plan.scheme.row_view_shape(plan.entry.shape), codec.row_multiple(
-        plan.scheme)) if plan.scheme else (plan.entry, None, 1) for plan in plans]
+    layouts = {plan.name: fmt.layout_for(plan.scheme) for plan in plans if plan.scheme}
+    layout = [(plan.entry, plan.scheme.row_view_shape(plan.entry.shape),
+               layouts[plan.name].row_multiple(plan.scheme)) if plan.scheme
+              else (plan.entry, None, 1) for plan in plans]
     stats: dict[str, ErrorStats] = {}
     with ExitStack() as stack:
         reader = stack.enter_context(SafetensorsReader(shard.path))
@@ -252,7 +298,8 @@ def _quantize_shard(
                     progress.advance(piece.nbytes, plan.name)
                 continue
             tensor_stats = _quantize_tensor(stream.rows(entry, row_shape, multiple), plan,
-                                            codec, writer, error_stats, progress)
+                                            layouts[plan.name], writer, error_stats, progress,
+                                            magnitudes.get(plan.name))
             if tensor_stats is not None:
                 stats[plan.name] = tensor_stats
         reader.check_unchanged()
@@ -263,15 +310,16 @@ def _quantize_shard(
     return stats
 
 
-def _quantize_tensor(chunks: TensorChunks, plan: TensorPlan, codec: Codec,
-                     writer: SafetensorsWriter, error_stats: bool,
-                     progress: Progress) -> ErrorStats | None:
+def _quantize_tensor(chunks: TensorChunks, plan: TensorPlan, layout: Layout,
+                     writer: SafetensorsWriter, error_stats: bool, progress: Progress,
+                     magnitude: float | None) -> ErrorStats | None:
     entry, scheme = plan.entry, plan.scheme
     assert scheme is not None
     stats = ErrorStats()
-    for first_row, rows, result in quantized_chunks(chunks, scheme, codec, error_stats):
-        _check_produced(codec, writer.target, entry.name, scheme, result)
-        for name, values in codec.encode(entry, scheme, result, first_row):
+    for first_row, rows, result in quantized_chunks(chunks, scheme, layout, error_stats,
+                                                    magnitude):
+        _check_produced(layout, writer.target, entry.name, scheme, result)
+        for name, values in layout.encode(entry, scheme, result, first_row):
             writer.write(name, values)
         if result.stats is not None:
             stats = stats.merge(result.stats)
@@ -279,11 +327,11 @@ def _quantize_tensor(chunks: TensorChunks, plan: TensorPlan, codec: Codec,
     return stats if error_stats else None
 
 
-def _check_produced(codec: Codec, target: Path, name: str, scheme: Scheme,
+def _check_produced(layout: Layout, target: Path, name: str, scheme: Scheme,
                     result: RowResult) -> None:
     """Check the numbers before they are written (DESIGN §6.4); a failure is a bug in qz,
     and nothing is published."""
-    if not codec.produced_valid(result, scheme):
+    if not layout.produced_valid(result, scheme):
         raise InternalCheckError(
             located(target, name, "produced scales or codes out of range; nothing was written"),
             hint="this is a bug in qz: please report it with the input's header",

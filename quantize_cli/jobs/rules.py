@@ -1,8 +1,9 @@
 """``--rule GLOB=SCHEME``: per-tensor overrides of the scheme, by name pattern.
 
 SCHEME is ``keep`` (leave the tensor in its dtype) or a comma-separated list of choices,
-each changing one thing of the command line's scheme: bits (``int4``, ``int8``), method
-(``absmax``, ``affine``, ``fp8``) and granularity (``tensor``, ``channel``, ``block64``).
+each changing one thing of the command line's scheme: bits (``int2`` … ``int8``), method
+(``absmax``, ``affine``, ``fp8``, ``nvfp4``, ``mxfp4``, ``mxfp8``) and granularity
+(``tensor``, ``channel``, ``block64``).
 ``'*.mlp.down_proj.weight=int8'`` keeps the command line's method and granularity and
 gives those tensors 8 bits. Rules change how the tensors qz selects are quantized, never
 which are selected (``--include`` does that); when several rules match a name, the last
@@ -17,14 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from ..core.scheme import GRANULARITIES, METHODS, Scheme
+from ..core.scheme import BITS, GRANULARITIES, METHODS, Scheme
 from ..errors import SchemeError
 
 KEEP = "keep"
 _BLOCK = re.compile(r"block(\d+)")
 _BITS = re.compile(r"int(\d+)")
-SYNTAX = ("SCHEME is 'keep' or choices separated by commas: int4 or int8, absmax, affine "
-          "or fp8, tensor, channel or blockN (e.g. 'int4,block32')")
+SYNTAX = (f"SCHEME is 'keep' or choices separated by commas: int{BITS[0]} to int{BITS[-1]}, "
+          f"{', '.join(METHODS)}, tensor, channel or blockN (e.g. 'int4,block32')")
 
 
 @dataclass(frozen=True)

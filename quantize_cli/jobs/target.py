@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.scheme import Scheme
-from ..core.stats import ErrorStats
+from ..core import ErrorStats, Scheme
 from ..errors import InputError, SchemeError, located
-from ..formats import Codec, Deployment
+from ..formats import Deployment, ModelFormat
 from ..storage.checkpoint import Checkpoint
 from ..storage.reader import SafetensorsReader
 from ..storage.stream import ShardStream, TensorChunks
@@ -28,6 +27,8 @@ from .tensor import quantized_chunks
 #: The granularities the targets try, from the fewest scales to the most.
 LADDER: tuple[tuple[str, int | None], ...] = (
     ("tensor", None), ("channel", None), ("block", 128), ("block", 64), ("block", 32))
+#: The bits --target-bits chooses among.
+TARGET_BITS = (4, 8)
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,12 @@ class Candidate:
     stats: ErrorStats  # of the round trip; empty (exact) when kept
 
 
-def candidate_schemes(base: Scheme, codec: Codec, bit_widths: Sequence[int]) -> list[Scheme]:
+def candidate_schemes(base: Scheme, fmt: ModelFormat, bit_widths: Sequence[int]) -> list[Scheme]:
     """The schemes of :data:`LADDER` at each of ``bit_widths`` (``base``'s method) that
     the format can store, cheapest first within each width.
 
-    >>> from quantize_cli.formats import codec_for
-    >>> [s.describe() for s in candidate_schemes(Scheme(), codec_for("mlx"), [4])]
+    >>> from quantize_cli.formats import format_named
+    >>> [s.describe() for s in candidate_schemes(Scheme(), format_named("mlx"), [4])]
     ['int4 absmax block 128, mse clip', 'int4 absmax block 64, mse clip', \
 'int4 absmax block 32, mse clip']
     """
@@ -54,7 +55,7 @@ def candidate_schemes(base: Scheme, codec: Codec, bit_widths: Sequence[int]) -> 
             scheme = base.varied(granularity=granularity,  # type: ignore[arg-type]
                                  block_size=block_size, bits=bits)
             try:
-                codec.check_scheme(scheme)
+                fmt.check_scheme(scheme)
             except SchemeError:
                 continue
             if scheme not in schemes:
@@ -63,7 +64,7 @@ def candidate_schemes(base: Scheme, codec: Codec, bit_widths: Sequence[int]) -> 
 
 
 def measure(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]], schemes: Sequence[Scheme],
-            codec: Codec, deployment: Deployment, chunk_bytes: int, progress: Progress,
+            fmt: ModelFormat, deployment: Deployment, chunk_bytes: int, progress: Progress,
             enough_db: float | None = None) -> dict[str, list[Candidate]]:
     """The candidates of every tensor of ``plans`` that qz selects and no ``--rule``
     decides: keeping it in its dtype first, then each of ``schemes`` the format can store
@@ -81,7 +82,7 @@ def measure(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]], schemes:
         with SafetensorsReader(shard.path) as reader, \
                 ShardStream(reader, layout, chunk_bytes) as stream:
             for plan in measured:
-                candidates[plan.name] = _candidates(stream, plan, schemes, codec, deployment,
+                candidates[plan.name] = _candidates(stream, plan, schemes, fmt, deployment,
                                                     progress, enough_db)
     return candidates
 
@@ -91,8 +92,8 @@ def _open(plan: TensorPlan) -> bool:
     return plan.selected and plan.rule is None
 
 
-def _candidates(stream: ShardStream, plan: TensorPlan, schemes: Sequence[Scheme], codec: Codec,
-                deployment: Deployment, progress: Progress,
+def _candidates(stream: ShardStream, plan: TensorPlan, schemes: Sequence[Scheme],
+                fmt: ModelFormat, deployment: Deployment, progress: Progress,
                 enough_db: float | None) -> list[Candidate]:
     entry = plan.entry
     found = [Candidate(None, entry.nbytes, ErrorStats())]
@@ -102,18 +103,19 @@ def _candidates(stream: ShardStream, plan: TensorPlan, schemes: Sequence[Scheme]
                 and found[-1].stats.sqnr_db >= enough_db:
             progress.advance(entry.nbytes * (len(schemes) - number), entry.name)
             break
-        if codec.keep_reason(entry, scheme, deployment) is not None:
+        if fmt.keep_reason(entry, scheme, deployment) is not None:
             progress.advance(entry.nbytes, entry.name)
             continue
-        view = (scheme.row_view_shape(entry.shape), codec.row_multiple(scheme))
+        layout = fmt.layout_for(scheme)
+        view = (scheme.row_view_shape(entry.shape), layout.row_multiple(scheme))
         if view not in views:
             views[view] = stream.rows(entry, *view)
         stats = ErrorStats()
-        for _, rows, result in quantized_chunks(views[view], scheme, codec, with_stats=True):
+        for _, rows, result in quantized_chunks(views[view], scheme, layout, with_stats=True):
             assert result.stats is not None
             stats = stats.merge(result.stats)
             progress.advance(rows.size * entry.nbytes // entry.numel, entry.name)
-        found.append(Candidate(scheme, plan.with_scheme(scheme, "", codec).output_bytes, stats))
+        found.append(Candidate(scheme, plan.with_scheme(scheme, "", fmt).output_bytes, stats))
     return found
 
 
@@ -136,29 +138,66 @@ def _trail(candidates: Sequence[Candidate], target_db: float) -> str:
     return "; ".join(parts)
 
 
+def _units(names: Sequence[str], fmt: ModelFormat) -> dict[str, list[str]]:
+    """The tensors a target decides together: the layers a runtime fuses (which must
+    share a scheme), each other tensor alone."""
+    units: dict[str, list[str]] = {}
+    for name in names:
+        units.setdefault(fmt.fused_with(name) or name, []).append(name)
+    return units
+
+
+def _joint(found: Sequence[Sequence[Candidate]]) -> list[list[Candidate]]:
+    """For each scheme that every member of a unit can take (keeping first), the
+    members' candidates with it."""
+    return [[next(c for c in member if c.scheme == candidate.scheme) for member in found]
+            for candidate in found[0]
+            if all(any(c.scheme == candidate.scheme for c in member) for member in found)]
+
+
+def _together(group: Sequence[Candidate]) -> Candidate:
+    """A unit's members with one scheme, as one candidate: their bytes and errors."""
+    return Candidate(group[0].scheme, sum(c.output_bytes for c in group),
+                     ErrorStats.total(c.stats for c in group))
+
+
 def choose_for_sqnr(plans: dict[str, list[TensorPlan]], candidates: dict[str, list[Candidate]],
-                    target_db: float, codec: Codec) -> dict[str, list[TensorPlan]]:
+                    target_db: float, fmt: ModelFormat) -> dict[str, list[TensorPlan]]:
     """Each measured tensor with the cheapest candidate that reaches ``target_db`` (the
-    ladder's order breaks ties); kept as it is if none does."""
+    ladder's order breaks ties), layers a runtime fuses with the cheapest that all of them
+    reach; kept as it is if none does."""
+    chosen: dict[str, Candidate | None] = {}
+    for names in _units(list(candidates), fmt).values():
+        joint = _joint([candidates[name] for name in names])
+        reaching = [group for group in joint[1:]
+                    if all(c.stats.sqnr_db >= target_db for c in group)]
+        best = min(reaching, key=lambda group: _together(group).output_bytes) if reaching \
+            else None  # min keeps the first of ties
+        for number, name in enumerate(names):
+            chosen[name] = None if best is None else best[number]
+
+    units = _units(list(candidates), fmt)
+    alone = {name for names in units.values() if len(names) == 1 for name in names}
 
     def choose(plan: TensorPlan, found: list[Candidate]) -> TensorPlan:
-        reaching = [c for c in found[1:] if c.stats.sqnr_db >= target_db]
         trail = _trail(found, target_db)
-        if not reaching:
-            return plan.with_scheme(None, "no scheme reaches the target: " + trail, codec)
-        best = min(reaching, key=lambda c: c.output_bytes)  # min keeps the first of ties
-        return plan.with_scheme(best.scheme, trail, codec)
+        pick = chosen[plan.name]
+        if pick is None:
+            why = ("no scheme reaches the target" if plan.name in alone else
+                   "no scheme reaches the target in every layer it is fused with")
+            return plan.with_scheme(None, f"{why}: {trail}", fmt)
+        return plan.with_scheme(pick.scheme, trail, fmt)
 
     return _replace(plans, candidates, choose)
 
 
 def choose_for_bits(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]],
                     candidates: dict[str, list[Candidate]], target_bits: float,
-                    target_db: float | None, codec: Codec) -> dict[str, list[TensorPlan]]:
+                    target_db: float | None, fmt: ModelFormat) -> dict[str, list[TensorPlan]]:
     """The candidates of least total squared error whose output averages at most
     ``target_bits`` per weight over the tensors qz selects (ruled ones and those the format
     keeps in float included, at what they cost); with ``target_db``, only candidates that
-    reach it.
+    reach it. Layers a runtime fuses get one scheme together.
 
     The choice solves this multiple-choice knapsack by dynamic programming over the
     budget in 2^15 steps (each candidate's bytes rounded up to whole steps, so the answer
@@ -171,10 +210,14 @@ def choose_for_bits(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]],
     every = [plan for shard_plans in plans.values() for plan in shard_plans if plan.selected]
     elements = sum(plan.entry.numel for plan in every)
     budget = math.floor(target_bits * elements / 8)
-    allowed = {name: [c for i, c in enumerate(found)
-                      if i == 0 or target_db is None or c.stats.sqnr_db >= target_db]
-               for name, found in candidates.items()}
-    fixed = sum(plan.output_bytes for plan in every if plan.name not in allowed)
+    units = _units(list(candidates), fmt)
+    groups = {key: [group for number, group in enumerate(_joint([candidates[name]
+                                                                  for name in names]))
+                    if number == 0 or target_db is None
+                    or all(c.stats.sqnr_db >= target_db for c in group)]
+              for key, names in units.items()}
+    allowed = {key: [_together(group) for group in found] for key, found in groups.items()}
+    fixed = sum(plan.output_bytes for plan in every if plan.name not in candidates)
     smallest = fixed + sum(min(c.output_bytes for c in found) for found in allowed.values())
     if smallest > budget:
         raise InputError(
@@ -187,14 +230,17 @@ def choose_for_bits(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]],
     for uniform in _uniform_picks(allowed):
         if _bytes(uniform) <= budget - fixed and _error(uniform) < _error(picks):
             picks = uniform
+    chosen = {name: next(group for group in groups[key] if group[0].scheme
+                         == picks[key].scheme)[number]
+              for key, names in units.items() for number, name in enumerate(names)}
 
     def choose(plan: TensorPlan, found: list[Candidate]) -> TensorPlan:
-        chosen = picks[plan.name]
-        bits = 8 * chosen.output_bytes / plan.entry.numel
-        sqnr = chosen.stats.sqnr_db
+        pick = chosen[plan.name]
+        bits = 8 * pick.output_bytes / plan.entry.numel
+        sqnr = pick.stats.sqnr_db
         reason = (f"--target-bits {target_bits:g}: {bits:.2f} bits/weight, "
                   + ("exact" if math.isinf(sqnr) else f"{sqnr:.1f} dB"))
-        return plan.with_scheme(chosen.scheme, reason, codec)
+        return plan.with_scheme(pick.scheme, reason, fmt)
 
     return _replace(plans, candidates, choose)
 
@@ -205,7 +251,7 @@ BUDGET_STEPS = 1 << 15
 
 
 def _knapsack(allowed: dict[str, list[Candidate]], capacity: int) -> dict[str, Candidate]:
-    """One candidate per tensor, of least total error with total bytes ≤ ``capacity``."""
+    """One candidate per unit, of least total error with total bytes ≤ ``capacity``."""
     unit = max(1, -(-capacity // BUDGET_STEPS))
     size = capacity // unit + 1
     # least[b]: the least error of the tensors so far within b units (none: 0 anywhere).
@@ -268,7 +314,10 @@ def _error(picks: dict[str, Candidate]) -> float:
 def _replace(plans: dict[str, list[TensorPlan]], candidates: dict[str, list[Candidate]],
              choose: Callable[[TensorPlan, list[Candidate]], TensorPlan]
              ) -> dict[str, list[TensorPlan]]:
-    return {name: [choose(plan, candidates[plan.name]) if plan.name in candidates else plan
+    """The plans with the choices made; a tensor the format keeps whatever the scheme
+    (its only candidate is to stay as it is) keeps its plan and the format's reason."""
+    return {name: [choose(plan, candidates[plan.name])
+                   if len(candidates.get(plan.name, ())) > 1 else plan
                    for plan in shard_plans]
             for name, shard_plans in plans.items()}
 

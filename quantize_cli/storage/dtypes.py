@@ -52,23 +52,27 @@ INTEGER_DTYPES: dict[str, np.dtype] = {
 OUTPUT_DTYPES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
+#: The safetensors codes numpy has no dtype for, by their ml_dtypes name.
+_ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu"}
+
+
 @functools.cache
 def numpy_dtype(code: str) -> np.dtype:
-    """The little-endian numpy dtype of a float (FP8 E4M3 included) or integer
+    """The little-endian numpy dtype of a float (FP8 E4M3 and E8M0 included) or integer
     safetensors code.
 
-    BF16 and FP8 come from ml_dtypes, because numpy has neither. It is imported here, on
-    first use, rather than with the module: importing it takes about half a second, which
-    commands that read only headers (``qz inspect``, ``qz --help``) should not pay.
+    BF16 and the FP8 types come from ml_dtypes, because numpy has none of them. It is
+    imported here, on first use, rather than with the module: importing it takes about
+    half a second, which commands that read only headers (``qz inspect``, ``qz --help``)
+    should not pay.
 
-    >>> numpy_dtype("BF16").name, numpy_dtype("F8_E4M3").name
-    ('bfloat16', 'float8_e4m3fn')
+    >>> numpy_dtype("BF16").name, numpy_dtype("F8_E4M3").name, numpy_dtype("F8_E8M0").name
+    ('bfloat16', 'float8_e4m3fn', 'float8_e8m0fnu')
     """
-    if code in ("BF16", "F8_E4M3"):
+    if code in _ML_DTYPES:
         import ml_dtypes
 
-        found: np.dtype = np.dtype(ml_dtypes.bfloat16 if code == "BF16"
-                                   else ml_dtypes.float8_e4m3fn)
+        found: np.dtype = np.dtype(getattr(ml_dtypes, _ML_DTYPES[code]))
         return found
     if code in FLOAT_DTYPES:
         return np.dtype({"F64": "<f8", "F32": "<f4", "F16": "<f2"}[code])
