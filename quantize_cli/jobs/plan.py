@@ -146,6 +146,41 @@ def plan_shard(header: Header, path: str | Path, scheme: Scheme, fmt: ModelForma
     return plans
 
 
+def keep_fused_together(plans: dict[str, list[TensorPlan]],
+                        fmt: ModelFormat) -> dict[str, list[TensorPlan]]:
+    """Layers a runtime fuses (q/k/v, gate/up) run as one, with one scheme: when the
+    format keeps one of them in its dtype (a kernel's shape rule), the others stay too,
+    wherever their shards are. Layers a --rule decided are left for the format's check,
+    which refuses a rule that splits them.
+
+    >>> from quantize_cli.formats import format_named
+    >>> q, k = (plan_tensor(TensorEntry(f"l.attn.{n}_proj.weight", "F32", shape, 0, 0),
+    ...                     Scheme(), format_named("compressed-tensors"))
+    ...         for n, shape in (("q", (128, 128)), ("k", (32, 128))))
+    >>> settled = keep_fused_together({"m": [q, k]}, format_named("compressed-tensors"))
+    >>> settled["m"][0].reason
+    "kept for vLLM: fused with l.attn.k_proj.weight, which is kept for vLLM: shape 32×128: \
+vLLM's kernel needs 128 input features a multiple of 128 and 32 output features a \
+multiple of 64"
+    """
+    kept: dict[str, TensorPlan] = {}
+    for shard_plans in plans.values():
+        for plan in shard_plans:
+            key = fmt.fused_with(plan.name)
+            if key is not None and plan.selected and plan.rule is None and not plan.quantized:
+                kept.setdefault(key, plan)
+
+    def settle(plan: TensorPlan) -> TensorPlan:
+        key = fmt.fused_with(plan.name)
+        cause = kept.get(key) if key is not None else None
+        if cause is None or not plan.quantized or plan.rule is not None:
+            return plan
+        return plan.with_scheme(None, f"kept for vLLM: fused with {cause.name}, which is "
+                                f"{cause.reason}", fmt)
+
+    return {name: [settle(plan) for plan in shard_plans] for name, shard_plans in plans.items()}
+
+
 def check_collisions(plans: Sequence[TensorPlan], header: Header, path: str | Path) -> None:
     """Refuse a plan whose quantized tensors would be stored under an existing name."""
     for plan in plans:

@@ -29,7 +29,7 @@ from ..storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader
 from ..storage.stream import ShardStream, StreamHasher, TensorChunks
 from ..storage.writer import SafetensorsWriter
 from . import outputs
-from .plan import TensorPlan, check_patterns, plan_shard
+from .plan import TensorPlan, check_patterns, keep_fused_together, plan_shard
 from .provenance import PENDING_HASH, command_line, provenance
 from .reports import NoProgress, Progress, QuantizeReport, TensorReport
 from .rules import parse_rules
@@ -104,6 +104,7 @@ def quantize_checkpoint(
              for shard in checkpoint.shards}
     check_patterns(checkpoint.source, [plan for shard_plans in plans.values()
                                        for plan in shard_plans], include, exclude, parsed_rules)
+    plans = keep_fused_together(plans, fmt)
     if target_sqnr is None and target_bits is None:
         fmt.check_model(_decided(plans))
     else:
