@@ -145,14 +145,32 @@ def test_ct_stored_tensors_and_packed_bytes() -> None:
     assert pieces["l.weight_shape"].tolist() == [1, 4]
 
 
-def test_ct_scales_are_rounded_up_to_the_weight_dtype() -> None:
-    rows = (np.arange(256, dtype=np.float32).reshape(2, 128) - 100) / 7
-    result = quantized(CT, entry("l.weight", "BF16", (2, 128)),
-                       rows.astype(ml_dtypes.bfloat16), Scheme("absmax", "channel"))
-    exact = np.abs(rows).max(axis=1, keepdims=True) / 127
-    assert (result.scale >= exact).all()  # rounded up: no value needs clipping
+def test_ct_scales_are_the_better_of_qz_and_compressed_tensors_rules() -> None:
+    # Per channel, plain rounding keeps the better of qz's rule (s = max|x| / 127 rounded
+    # up to BF16, no code clipped) and compressed-tensors' (max|x| / 127.5 to the nearest
+    # BF16, codes in [-128, 127]); both scales are BF16 values.
+    rng = np.random.default_rng(5)
+    rows = (rng.standard_t(3, (64, 384)) * 0.02).astype(ml_dtypes.bfloat16)
+    result = quantized(CT, entry("l.weight", "BF16", (64, 384)), rows,
+                       Scheme("absmax", "channel"))
+    values = rows.astype(np.float32)
+    magnitude = np.abs(values).max(axis=1, keepdims=True)
+    ours = (magnitude / np.float32(127)).astype(ml_dtypes.bfloat16).astype(np.float32)
+    ours = np.where(ours < magnitude / np.float32(127), np.nextafter(
+        ours.astype(ml_dtypes.bfloat16), np.inf).astype(np.float32), ours)  # rounded up
+    theirs = (magnitude / np.float32(127.5)).astype(ml_dtypes.bfloat16).astype(np.float32)
     assert np.array_equal(result.scale.astype(ml_dtypes.bfloat16).astype(np.float32),
                           result.scale)
+    assert np.isin(result.scale, np.concatenate([ours, theirs])).all()
+
+    def errors(scale: np.ndarray) -> np.ndarray:
+        codes = np.clip(np.rint(values / scale), -128, 127)
+        return ((values - codes * scale) ** 2).sum(axis=1)
+
+    chosen = errors(result.scale)
+    assert (chosen <= errors(ours)).all() and (chosen <= errors(theirs)).all()
+    assert (result.scale == theirs).any() and (result.scale == ours).any()
+    assert int(result.codes.min()) >= -128 and int(result.codes.max()) <= 127
 
 
 @pytest.mark.parametrize("scheme,fragment", [

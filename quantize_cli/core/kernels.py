@@ -24,7 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .clip import search_factors
-from .params import PLAIN, Storage, absmax_scale, affine_qparams, qparams_from_range, round_scale_up
+from .params import (
+    PLAIN,
+    Storage,
+    absmax_scale,
+    affine_qparams,
+    qparams_from_range,
+    round_scale_nearest,
+    round_scale_up,
+)
 from .scheme import Scheme
 from .search import search_groups
 from .stats import ErrorStats
@@ -134,6 +142,7 @@ def quantize_view(
     codes: np.ndarray,
     scheme: Scheme,
     with_stats: bool,
+    storage: Storage = PLAIN,
 ) -> ErrorStats | None:
     """Write the codes of ``groups`` (scale/zero point per group, broadcastable) into
     ``codes``; return the error statistics of the view when asked."""
@@ -143,9 +152,10 @@ def quantize_view(
     if zero_point is not None:
         np.add(scaled, zero_point[..., None].astype(np.float32), out=scaled)
     # Plain absmax needs no clip: |x| ≤ max|x| and s ≥ max|x|/127 keep |x / s| ≤
-    # 127.0000x, which rounds into [-127, 127]. Affine, and any clipped scale, need one.
-    needs_clip = not scheme.symmetric or scheme.clip != "none"
-    lowest, highest = scheme.code_range
+    # 127.0000x, which rounds into [-127, 127]. Affine, any clipped scale, and a format's
+    # own rule (which may round its scale down) need one.
+    needs_clip = not scheme.symmetric or scheme.clip != "none" or storage.divisor is not None
+    lowest, highest = storage.code_range(scheme)
     if not needs_clip or not with_stats:
         if needs_clip:  # clipping before rounding equals clipping after: integer bounds
             np.clip(scaled, lowest, highest, out=scaled)
@@ -207,8 +217,13 @@ def tile_qparams(
     values ``storage`` holds (rounded up where plain rounding must not clip)."""
     if scheme.clip == "none":
         if scheme.symmetric:
-            scale = absmax_scale(group_magnitude(groups), scheme.bits, storage.divisor)
-            return round_scale_up(scale, storage.scale_dtype), None
+            magnitude = group_magnitude(groups)
+            scale = round_scale_up(absmax_scale(magnitude, scheme.bits), storage.scale_dtype)
+            if storage.divisor is not None:
+                own = round_scale_nearest(absmax_scale(magnitude, scheme.bits, storage.divisor),
+                                          storage.scale_dtype)
+                scale = _better(values, scale, own, *storage.code_range(scheme))
+            return scale, None
         affine_scale, affine_zero = affine_qparams(*group_range(groups), scheme.bits)
         return round_scale_up(affine_scale, storage.scale_dtype), affine_zero
     low, high = group_range(groups)
@@ -220,3 +235,20 @@ def tile_qparams(
     factor = search_factors(values, low, high, scheme.method)
     clipped_scale, zero_point = qparams_from_range(low * factor, high * factor, scheme.method)
     return round_scale_up(clipped_scale, storage.scale_dtype), zero_point
+
+
+def _better(values: np.ndarray, scale: np.ndarray, other: np.ndarray, lowest: int,
+            highest: int) -> np.ndarray:
+    """Per group of a float32 (rows, groups, length) view, the scale of the two whose
+    codes in [lowest, highest] give the smaller squared error (``scale`` on ties)."""
+    errors = []
+    for candidate in (scale, other):
+        step = np.where(candidate == 0, np.float32(1), candidate)[..., None]
+        codes = scratch(2, values.shape)
+        np.divide(values, step, out=codes)
+        np.rint(codes, out=codes)
+        np.clip(codes, lowest, highest, out=codes)
+        np.multiply(codes, candidate[..., None], out=codes)
+        np.subtract(values, codes, out=codes)
+        errors.append(np.einsum("...i,...i->...", codes, codes, dtype=np.float64))
+    return np.where(errors[1] < errors[0], other, scale)

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import SchemeError
-from .scheme import code_range
+from .scheme import Scheme, code_range
 from .values import FLOAT32_MAX, FLOAT32_TINY
 
 
@@ -21,10 +21,14 @@ from .values import FLOAT32_MAX, FLOAT32_TINY
 class Storage:
     """What a format can store of a group's parameters, which limits the search: the
     scale's dtype, whether the zero point is an integer (packed codes) or a float, whether
-    scales may be negative, the divisor of plain absmax rounding (default 2^(b−1) − 1:
-    127, 7), whether NVFP4's per-tensor global scale is stored (else it is 1), and
-    whether codes are unsigned with an offset per group in the weight's dtype (MLX's
-    affine, offset.py) instead of a zero point."""
+    scales may be negative, whether NVFP4's per-tensor global scale is stored (else it is
+    1), and whether codes are unsigned with an offset per group in the weight's dtype
+    (MLX's affine, offset.py) instead of a zero point.
+
+    ``divisor`` is a format's own rule for absmax, s = max|x| / divisor with every code
+    of the width allowed (compressed-tensors: (2^b − 1) / 2, so 127.5 at 8 bits and 7.5
+    at 4, codes in [−2^(b−1), 2^(b−1) − 1]): plain rounding keeps, per group, the better
+    of qz's rule and that one, and the search starts from it."""
 
     scale_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
     zero_point: Literal["integer", "float"] = "integer"
@@ -32,6 +36,17 @@ class Storage:
     divisor: float | None = None
     global_scale: bool = True
     offset: bool = False
+
+    def code_range(self, scheme: Scheme) -> tuple[int, int]:
+        """The integer codes of ``scheme`` this format holds: every code of the width
+        where it has its own absmax rule (-128 at 8 bits), else the scheme's.
+
+        >>> Storage(divisor=127.5).code_range(Scheme()), Storage().code_range(Scheme())
+        ((-128, 127), (-127, 127))
+        """
+        if self.divisor is not None and scheme.symmetric:
+            return code_range("affine", scheme.bits)
+        return scheme.code_range
 
 
 #: float32 scales, integer zero points: what qz's INT8 format stores.
@@ -158,6 +173,21 @@ def _zero_point(low64: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
     np.divide(low64, scale, out=ratio, where=scale > 0)
     zero_point = np.clip(np.rint(lowest - ratio), lowest, highest)
     return np.where(scale > 0, zero_point, 0.0)
+
+
+def round_scale_nearest(scale: np.ndarray, dtype: np.dtype) -> npt.NDArray[np.float32]:
+    """float32 scales rounded to the nearest value ``dtype`` can hold (as float32).
+
+    Raises:
+        SchemeError: a scale beyond the range of ``dtype`` (float16 above 65504).
+    """
+    if dtype in (np.float32, np.float64):
+        return scale
+    with np.errstate(over="ignore"):
+        rounded = scale.astype(dtype).astype(np.float32)
+    if not np.isfinite(rounded).all():
+        raise SchemeError(f"scales exceed the range of {dtype.name}")
+    return rounded
 
 
 def round_scale_up(scale: np.ndarray, dtype: np.dtype) -> npt.NDArray[np.float32]:

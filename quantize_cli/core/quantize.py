@@ -238,7 +238,7 @@ def quantize_rows(
                 if zero_point is not None and view_zero is not None:
                     zero_point[tile, owned] = view_zero
             stats = kernels.quantize_view(view, view_scale, view_zero, code_view, scheme,
-                                          with_stats)
+                                          with_stats, storage)
             if stats is not None:
                 tile_stats = stats if tile_stats is None else tile_stats.merge(stats)
         tile_codes = codes[tile]

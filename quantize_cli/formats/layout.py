@@ -137,12 +137,13 @@ class Layout(ABC):
             return scales_valid and not np.isnan(result.codes.astype(np.float32)).any()
         if result.bias is not None:  # unsigned codes: every one fits
             return scales_valid
-        if not self.storage("F32", scheme).negative_scales:
+        storage = self.storage("F32", scheme)
+        if not storage.negative_scales:
             scales_valid &= bool((scale >= 0).all())
         if result.codes.size == 0:
             return scales_valid
         low, high = result.code_bounds or (int(result.codes.min()), int(result.codes.max()))
-        lowest, highest = scheme.code_range
+        lowest, highest = storage.code_range(scheme)
         return scales_valid and low >= lowest and high <= highest
 
     @abstractmethod

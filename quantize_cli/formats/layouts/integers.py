@@ -170,10 +170,8 @@ class CtPacked(Layout):
 
     def storage(self, dtype: str, scheme: Scheme) -> Storage:
         # Scales in the weight's dtype, as compressed-tensors stores them; integer zero
-        # points (packed); its own rule for plain symmetric rounding below 8 bits,
-        # s = max|x| / ((2^b − 1) / 2) (7.5 at 4 bits, ``calculate_qparams``).
-        return Storage(scale_dtype=numpy_dtype(dtype),
-                       divisor=((1 << scheme.bits) - 1) / 2 if scheme.bits < 8 else None)
+        # points (packed); its own rule for symmetric scales beside qz's.
+        return _ct_storage(dtype, scheme)
 
     def row_multiple(self, scheme: Scheme) -> int:
         # Zero points are packed along the output axis: a chunk starts on a word.
@@ -250,7 +248,7 @@ class CtInt(Layout):
         return None
 
     def storage(self, dtype: str, scheme: Scheme) -> Storage:
-        return Storage(scale_dtype=numpy_dtype(dtype))
+        return _ct_storage(dtype, scheme)
 
     def stored_tensors(self, entry: TensorEntry, scheme: Scheme) -> list[StoredTensor]:
         name, shape, dtype = entry.name, entry.shape, entry.dtype
@@ -288,6 +286,14 @@ class CtInt(Layout):
         return StoredWeight(entry.name, entry.shape, header[scale].dtype, scheme,
                             "compressed-tensors", tuple(tensors),
                             f"compressed-tensors {self.name} {stored_label(scheme)}", self)
+
+
+def _ct_storage(dtype: str, scheme: Scheme) -> Storage:
+    """What compressed-tensors stores of integer groups: scales in the weight's dtype,
+    integer zero points, and its own symmetric rule, s = max|x| / ((2^b − 1) / 2) with
+    codes in [−2^(b−1), 2^(b−1) − 1] (127.5 at 8 bits, 7.5 at 4: ``calculate_qparams``),
+    which plain rounding offers beside qz's."""
+    return Storage(scale_dtype=numpy_dtype(dtype), divisor=((1 << scheme.bits) - 1) / 2)
 
 
 def _pack_along_rows(values: np.ndarray, bits: int) -> np.ndarray:
