@@ -104,7 +104,7 @@ def test_inspect_and_diff_fit_and_keep_numbers_whole(sample: Path, columns: int)
 
 
 def test_names_are_shortened_to_initials_then_in_the_middle() -> None:
-    from quantize_cli.cli.render import shorten_name
+    from quantize_cli.cli.text import shorten_name
 
     name = "model.layers.11.mlp.down_proj.weight"
     assert shorten_name(name, 60) == name
