@@ -26,6 +26,13 @@ CASES = {
     "int4-absmax-block4": ["--method", "absmax", "--bits", "4", "--block", "4"],
     "int4-affine-channel": ["--method", "affine", "--bits", "4", "--per-channel"],
     "fp8-channel": ["--method", "fp8", "--per-channel"],
+    # Format version 3: integers of other widths, the microscaling types (a row of 8 is
+    # one short group of 16 or 32).
+    "int3-absmax-block4": ["--method", "absmax", "--bits", "3", "--block", "4"],
+    "int6-affine-channel": ["--method", "affine", "--bits", "6", "--per-channel"],
+    "nvfp4": ["--method", "nvfp4"],
+    "mxfp4": ["--method", "mxfp4"],
+    "mxfp8": ["--method", "mxfp8"],
 }
 
 
@@ -44,7 +51,7 @@ def test_golden_bytes(tmp_path: Path, case: str) -> None:
     result = CliRunner().invoke(qz, ["quantize", str(source), "-o", str(output), "-q",
                                      "--include", "w", *CASES[case]])
     assert result.exit_code == 0, result.output
-    precision = "" if case.startswith(("int4", "fp8")) else ".int8"
+    precision = ".int8" if case.startswith(("absmax", "affine")) else ""
     golden = GOLDEN / f"tiny.{case}{precision}.safetensors"
     if os.environ.get("QZ_REGENERATE_GOLDEN"):
         golden.write_bytes(output.read_bytes())

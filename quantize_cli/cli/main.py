@@ -15,9 +15,17 @@ import click
 from .. import __version__
 from ..core.elements import METHOD_INFO
 from ..core.explain import explain as explain_steps
-from ..core.scheme import ACTIVATIONS, BITS, CLIP_CHOICES, INTEGER_METHODS, METHODS, Scheme
-from ..formats import DEFAULT_FORMAT, FORMATS, PRESETS, scheme_for
+from ..core.scheme import ACTIVATIONS, BITS, CLIP_CHOICES, METHODS, Scheme
+from ..formats import (
+    DEFAULT_FORMAT,
+    DEQUANTIZED_SUFFIX,
+    FORMATS,
+    PRESETS,
+    output_suffix,
+    scheme_for,
+)
 from ..jobs import dequantize_checkpoint, diff_checkpoints, inspect_checkpoint, quantize_checkpoint
+from ..jobs.rules import SYNTAX as RULE_SYNTAX
 from ..storage.dtypes import OUTPUT_DTYPES
 from . import documents, views
 from .console import make_console
@@ -57,7 +65,7 @@ def _defaults(said: Callable[[Scheme], str]) -> str:
 
 @qz.command(short_help="Quantize a checkpoint or model folder.")
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@output_option("int8")
+@output_option(output_suffix(FORMATS[DEFAULT_FORMAT], FORMATS[DEFAULT_FORMAT].default_scheme))
 @click.option("--scheme", "preset_name", metavar="NAME",
               help="A preset by llm-compressor's name, for the method, bits, granularity "
                    f"and activations: {', '.join(PRESETS)}.")
@@ -93,10 +101,8 @@ def _defaults(said: Callable[[Scheme], str]) -> str:
                    "included; with --target-sqnr, every tensor also reaches DB. Measures "
                    "every candidate.")
 @click.option("--rule", "rules", multiple=True, metavar="GLOB=SCHEME",
-              help="Quantize the selected tensors whose names match GLOB with SCHEME: "
-                   "'keep', or comma-separated changes to the scheme: int4/int8, "
-                   "absmax/affine/fp8, tensor/channel/blockN (e.g. '*.down_proj.*=int8'). "
-                   "Repeatable; the last matching rule wins.")
+              help="Quantize the selected tensors whose names match GLOB with SCHEME. "
+                   f"{RULE_SYNTAX}. Repeatable; the last matching rule wins.")
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Quantize exactly the float tensors whose names match (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB",
@@ -226,7 +232,7 @@ def inspect(input_path: Path, json_target: str | None, force: bool) -> None:
 
 @qz.command(short_help="Turn a quantized checkpoint back into floats.")
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@output_option("dequant")
+@output_option(DEQUANTIZED_SUFFIX)
 @click.option("--dtype", type=click.Choice(["original", *OUTPUT_DTYPES]), default="original",
               show_default=True,
               help="Dtype of the restored tensors. Tensors that were never quantized "
@@ -297,9 +303,8 @@ def diff(a: Path, b: Path, fail_under: float | None, json_target: str | None,
 @qz.command(context_settings={"ignore_unknown_options": True},
             short_help="Show step by step how a few values are quantized.")
 @click.argument("values", nargs=-1, required=True, metavar="VALUES...")
-@click.option("--method", type=click.Choice(INTEGER_METHODS), default=INTEGER_METHODS[0],
-              show_default=True, help=" ".join(f"{name}: {METHOD_INFO[name].summary}."
-                                               for name in INTEGER_METHODS))
+@click.option("--method", type=click.Choice(METHODS), default=METHODS[0], show_default=True,
+              help=" ".join(f"{name}: {info.summary}." for name, info in METHOD_INFO.items()))
 @click.option("--bits", type=click.Choice([str(bits) for bits in BITS]), default="8",
               show_default=True, help="Bits per code.")
 @click.option("--block", "block_size", type=click.IntRange(min=1), default=None,
@@ -316,6 +321,7 @@ def explain(values: tuple[str, ...], method: str, bits: str, block_size: int | N
       qz explain 1.6,-0.7,-3.4,1.7,-2.9,0.5,2.3,6.2 --method affine
       qz explain 0.1 0.2 0.3 9.0 0.1 0.2 0.3 0.4 --block 4
       qz explain 1.6 -0.7 -3.4 1.7 -2.9 0.5 2.3 6.2 --bits 4
+      qz explain 1.6 -0.7 -3.4 1.7 -2.9 0.5 2.3 6.2 --method mxfp4
     """
     numbers = []
     for text in (part for value in values for part in value.split(",") if part):
@@ -331,8 +337,10 @@ def explain(values: tuple[str, ...], method: str, bits: str, block_size: int | N
             raise click.BadParameter(f"{text!r} is not a finite number: qz refuses NaN and "
                                      "infinity (DESIGN §1)", param_hint="VALUES")
         numbers.append(number)
-    # The tutorial's rule: the full range of each group, never clipped.
-    scheme = Scheme(method, "block" if block_size else "tensor",  # type: ignore[arg-type]
+    # The tutorial's rule: the full range of each group, never clipped. The microscaling
+    # types have their own groups.
+    microscaling = METHOD_INFO[method].microscaling
+    scheme = Scheme(method, "block" if block_size or microscaling else "tensor",  # type: ignore[arg-type]
                     block_size, clip="none", bits=int(bits))
     _stdout_console().print(views.explain_view(explain_steps(numbers, scheme)))
 

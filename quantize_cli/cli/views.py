@@ -18,8 +18,8 @@ from rich.filesize import decimal
 from rich.table import Table
 from rich.text import Text
 
-from ..core import ErrorStats
-from ..core.explain import Explanation
+from ..core import ErrorStats, Scheme
+from ..core.explain import Explanation, GroupSteps
 from ..jobs.reports import (
     DequantizeReport,
     DiffReport,
@@ -205,15 +205,22 @@ def explain_view(explanation: Explanation) -> Group:
     """Every step of quantizing a short vector: range, scale, zero point, codes, values
     back and the error of each element."""
     scheme = explanation.scheme
-    lowest, highest = scheme.code_range
-    bits = "" if scheme.bits == 8 else f", {scheme.bits} bits"
+    floats = scheme.element.is_float
+    lowest, highest = (0, 0) if floats else scheme.code_range
+    bits = "" if scheme.bits == 8 or floats else f", {scheme.bits} bits"
     lines: list[Any] = []
+    if explanation.global_scale is not None:
+        largest = max(float(np.abs(group.values).max()) for group in explanation.groups)
+        lines.append(Text(f"global scale: g = 448 · 6 / max|x| = 2688 / {_number(largest)} = "
+                          f"{_number(explanation.global_scale)}   (float32, one per tensor)"))
     for group in explanation.groups:
         count = len(group.values)
         where = (f"values {group.start}–{group.start + count - 1}"
                  if len(explanation.groups) > 1 else f"{count} values, one group")
         lines.append(Text(f"{scheme.method}{bits}, {where}", style="bold"))
-        if scheme.symmetric:
+        if floats:
+            lines += _float_steps(scheme, group, explanation.global_scale)
+        elif scheme.symmetric:
             lines.append(Text(f"  range:  max|x| = {_number(group.high)}"))
             lines.append(Text(f"  scale:  s = max|x| / {highest} = {_number(group.high)} / "
                               f"{highest} = {_number(group.scale)}"
@@ -237,17 +244,49 @@ def explain_view(explanation: Explanation) -> Group:
         table.add_column("x̂ = q·s" if scheme.symmetric else "x̂ = (q - z)·s", justify="right")
         table.add_column("x - x̂", justify="right")
         for offset in range(len(group.values)):
+            code = float(group.codes[offset])
             table.add_row(str(group.start + offset), _number(float(group.values[offset])),
-                          f"{float(group.scaled[offset]):.3f}", str(int(group.codes[offset])),
+                          f"{float(group.scaled[offset]):.3f}",
+                          _number(code) if floats else str(int(code)),
                           _number(float(group.dequantized[offset])),
                           _signed(float(group.errors[offset])))
         lines.append(table)
         largest = float(np.abs(group.errors).max()) if len(group.errors) else 0.0
-        lines.append(Text(f"  largest error {largest:.3g} ≤ s/2 = {group.scale / 2:.3g}"))
+        if not floats:
+            lines.append(Text(f"  largest error {largest:.3g} ≤ s/2 = {group.scale / 2:.3g}"))
+        else:
+            lines.append(Text(f"  largest error {largest:.3g}"))
     stats = explanation.stats
     lines.append(Text(f"MSE {stats.mse:.3g}, SQNR {sqnr_text(stats.sqnr_db)}, "
                       f"cosine similarity {stats.cosine_similarity:.6f}"))
     return Group(*lines)
+
+
+#: The magnitudes of each float element, for the explanation.
+_GRIDS = {"e2m1": "±0, 0.5, 1, 1.5, 2, 3, 4, 6", "e4m3": "3 mantissa bits, up to ±448"}
+
+
+def _float_steps(scheme: Scheme, group: GroupSteps, global_scale: float | None) -> list[Text]:
+    """How a group of float elements gets its scale and values."""
+    largest = scheme.element.largest
+    lines = [Text(f"  range:  max|x| = {_number(group.high)}")]
+    if scheme.scale_type == "e8m0":
+        exponent = int(group.stored_scale or 0)
+        lines.append(Text(f"  scale:  s = 2^e, the smallest power of two with max|x| / s ≤ "
+                          f"{largest:g}: e = {exponent}, s = {_number(group.scale)}   (E8M0 "
+                          f"code {exponent + 127})"))
+    elif scheme.scale_type == "e4m3":
+        lines.append(Text(f"  scale:  E4M3(g · max|x| / {largest:g}) = "
+                          f"{_number(group.stored_scale or 0)}, s = that / g = "
+                          f"{_number(group.scale)}"))
+    else:
+        lines.append(Text(f"  scale:  s = max|x| / {largest:g} = {_number(group.high)} / "
+                          f"{largest:g} = {_number(group.scale)}"))
+    lines.append(Text(f"  values: q = x / s rounded to the nearest {scheme.element.name.upper()} "
+                      f"value ({_GRIDS[scheme.element.name]})"))
+    if global_scale is not None and not global_scale:
+        lines.append(Text("  an all-zero group: every value 0, exact"))
+    return lines
 
 
 def diff_view(report: DiffReport, width: int, worst: int | None = None) -> Group:
