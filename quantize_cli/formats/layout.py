@@ -178,6 +178,51 @@ class Layout(ABC):
         return None
 
 
+class ScaledCodes(Layout):
+    """Codes of the weight's own shape under its name (I8, or F8_E4M3), with a scale and,
+    for affine, a zero point per group beside them, named by the format's suffixes: qz's
+    INT8 and FP8, compressed-tensors' ``int-quantized`` and ``float-quantized``."""
+
+    scale_suffix: ClassVar[str]
+    zero_point_suffix: ClassVar[str]
+    #: Whether scales are stored in the weight's dtype (else float32).
+    scales_in_weight_dtype: ClassVar[bool] = False
+
+    def scale_dtype(self, entry: TensorEntry) -> str:
+        return entry.dtype if self.scales_in_weight_dtype else "F32"
+
+    def stored_tensors(self, entry: TensorEntry, scheme: Scheme) -> list[StoredTensor]:
+        shape = scheme.scale_shape(entry.shape)
+        stored = [StoredTensor(entry.name, "F8_E4M3" if scheme.element.is_float else "I8",
+                               entry.shape, "codes"),
+                  StoredTensor(entry.name + self.scale_suffix, self.scale_dtype(entry), shape,
+                               "scale")]
+        if not scheme.symmetric:
+            stored.append(StoredTensor(entry.name + self.zero_point_suffix, "I8", shape,
+                                       "zero_point"))
+        return stored
+
+    def encode(self, entry: TensorEntry, scheme: Scheme, result: RowResult,
+               first_row: int) -> list[tuple[str, np.ndarray]]:
+        pieces: list[tuple[str, np.ndarray]] = [(entry.name, result.codes)]
+        # Scale rows follow the code rows, so they stream out in step; one scale per
+        # tensor goes out with the first rows.
+        if scheme.granularity != "tensor" or first_row == 0:
+            pieces.append((entry.name + self.scale_suffix,
+                           result.scale.astype(numpy_dtype(self.scale_dtype(entry)))))
+            if result.zero_point is not None:
+                pieces.append((entry.name + self.zero_point_suffix, result.zero_point))
+        return pieces
+
+    def read_rows(self, reader: SafetensorsReader, weight: StoredWeight, start: int,
+                  stop: int) -> QuantizedRows:
+        codes = reader.read_rows(reader.header[weight.codes], weight.row_view, start, stop)
+        scale = read_groups(reader, weight, start, stop, "scale")
+        assert scale is not None
+        return QuantizedRows(codes, scale, read_groups(reader, weight, start, stop,
+                                                       "zero_point", as_float32=False))
+
+
 # ------------------------------------------------------------------------- packing
 
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from ...core import QuantizedRows, RowResult, Scheme, Storage
+from ...core import Scheme, Storage
 from ...storage.dtypes import FLOAT_DTYPES, numpy_dtype
 from ...storage.header import TensorEntry
 from ...storage.reader import SafetensorsReader
-from ..layout import Layout, StoredTensor, StoredWeight, read_groups, stored_label
+from ..layout import ScaledCodes, StoredWeight, stored_label
 from .ct_config import FP8_BLOCK, declared_activations, declared_fp8_block, scheme_from_scales
-from .names import CT_SCALE, QZ_SCALE
+from .names import CT_SCALE, CT_ZERO_POINT, QZ_SCALE, QZ_ZERO_POINT
 
 
 def _fp8(scheme: Scheme) -> str | None:
@@ -34,48 +32,20 @@ def _weight_only_fp8(scheme: Scheme) -> str | None:
     return _fp8(scheme)
 
 
-class _Fp8(Layout):
-    """Codes of the weight's own shape under its name, and its scales beside them."""
-
-    scale_suffix: str
-
-    def stored_tensors(self, entry: TensorEntry, scheme: Scheme) -> list[StoredTensor]:
-        return [StoredTensor(entry.name, "F8_E4M3", entry.shape, "codes"),
-                StoredTensor(entry.name + self.scale_suffix, self._scale_dtype(entry),
-                             scheme.scale_shape(entry.shape), "scale")]
-
-    def _scale_dtype(self, entry: TensorEntry) -> str:
-        return "F32"
-
-    def encode(self, entry: TensorEntry, scheme: Scheme, result: RowResult,
-               first_row: int) -> list[tuple[str, np.ndarray]]:
-        pieces = [(entry.name, result.codes)]
-        if scheme.granularity != "tensor" or first_row == 0:
-            scale = result.scale.astype(numpy_dtype(self._scale_dtype(entry)))
-            pieces.append((entry.name + self.scale_suffix, scale))
-        return pieces
-
-    def read_rows(self, reader: SafetensorsReader, weight: StoredWeight, start: int,
-                  stop: int) -> QuantizedRows:
-        codes = reader.read_rows(reader.header[weight.codes], weight.row_view, start, stop)
-        scale = read_groups(reader, weight, start, stop, "scale")
-        assert scale is not None
-        return QuantizedRows(codes, scale)
-
-
-class QzFp8(_Fp8):
+class QzFp8(ScaledCodes):
     name = "qz fp8"
-    scale_suffix = QZ_SCALE
+    scale_suffix, zero_point_suffix = QZ_SCALE, QZ_ZERO_POINT
 
     def refusal(self, scheme: Scheme) -> str | None:
         return _weight_only_fp8(scheme)
 
 
-class CtFloat(_Fp8):
+class CtFloat(ScaledCodes):
     """compressed-tensors ``float-quantized``."""
 
     name = "float-quantized"
-    scale_suffix = CT_SCALE
+    scale_suffix, zero_point_suffix = CT_SCALE, CT_ZERO_POINT
+    scales_in_weight_dtype = True
 
     def refusal(self, scheme: Scheme) -> str | None:
         if scheme.method != "fp8":
@@ -86,9 +56,6 @@ class CtFloat(_Fp8):
 
     def storage(self, dtype: str, scheme: Scheme) -> Storage:
         return Storage(scale_dtype=numpy_dtype(dtype))
-
-    def _scale_dtype(self, entry: TensorEntry) -> str:
-        return entry.dtype
 
     def match(self, reader: SafetensorsReader, entry: TensorEntry,
               config: dict[str, Any] | None) -> StoredWeight | None:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from ...storage.reader import SafetensorsReader
 from ..layout import (
     Layout,
     Role,
+    ScaledCodes,
     StoredTensor,
     StoredWeight,
     from_offset_binary,
@@ -70,19 +72,12 @@ def _integers(scheme: Scheme) -> str | None:
     return "not activation quantization" if scheme.activations is not None else None
 
 
-def _scale_shape_2d(shape: tuple[int, ...], scheme: Scheme) -> tuple[int, ...]:
-    """Scales of a 2-D weight as compressed-tensors and MLX store them: (1,) per tensor,
-    else (out, groups)."""
-    if scheme.granularity == "tensor":
-        return (1,)
-    return (shape[0], scheme.groups_per_row(shape[1]))
-
-
 # ------------------------------------------------------------------------------ qz
 
 
-class QzIntegers(Layout):
+class QzIntegers(ScaledCodes):
     name = "qz integers"
+    scale_suffix, zero_point_suffix = QZ_SCALE, QZ_ZERO_POINT
 
     def refusal(self, scheme: Scheme) -> str | None:
         return _integers(scheme)
@@ -91,52 +86,39 @@ class QzIntegers(Layout):
         return QZ_LOW_BIT_STORAGE if scheme.bits < 8 else super().storage(dtype, scheme)
 
     def stored_tensors(self, entry: TensorEntry, scheme: Scheme) -> list[StoredTensor]:
-        name, shape = entry.name, entry.shape
-        scale_shape = scheme.scale_shape(shape)
-        if scheme.bits < 8:
-            codes = StoredTensor(name, "U8", (*shape[:-1], math.ceil(shape[-1] * scheme.bits
-                                                                     / 8)), "codes")
-        else:
-            codes = StoredTensor(name, "I8", shape, "codes")
-        stored = [codes, StoredTensor(name + QZ_SCALE, "F32", scale_shape, "scale")]
-        if not scheme.symmetric:
-            stored.append(StoredTensor(name + QZ_ZERO_POINT, "I8" if scheme.bits == 8
-                                       else "F32", scale_shape, "zero_point"))
-        return stored
+        stored = super().stored_tensors(entry, scheme)
+        if scheme.bits == 8:
+            return stored
+        # Below 8 bits: packed codes, fractional zero points.
+        codes, *companions = stored
+        packed = (*entry.shape[:-1], math.ceil(entry.shape[-1] * scheme.bits / 8))
+        return [replace(codes, dtype="U8", shape=packed),
+                *(replace(tensor, dtype="F32") for tensor in companions)]
 
     def encode(self, entry: TensorEntry, scheme: Scheme, result: RowResult,
                first_row: int) -> list[tuple[str, np.ndarray]]:
-        name, shape = entry.name, entry.shape
-        codes = result.codes
+        pieces = super().encode(entry, scheme, result, first_row)
         if scheme.bits < 8:  # packed along the original last axis
-            codes = pack_bits(to_unsigned(codes.reshape(-1, shape[-1]), scheme.bits),
-                              scheme.bits)
-        pieces: list[tuple[str, np.ndarray]] = [(name, codes)]
-        # Scale rows follow the code rows, so they stream out in step; one scale per
-        # tensor goes out with the first rows.
-        if scheme.granularity != "tensor" or first_row == 0:
-            pieces.append((name + QZ_SCALE, result.scale))
-            if result.zero_point is not None:
-                pieces.append((name + QZ_ZERO_POINT, result.zero_point))
+            bits, last = scheme.bits, entry.shape[-1]
+            pieces[0] = (entry.name, pack_bits(to_unsigned(result.codes.reshape(-1, last),
+                                                            bits), bits))
         return pieces
 
     def read_rows(self, reader: SafetensorsReader, weight: StoredWeight, start: int,
                   stop: int) -> QuantizedRows:
-        entry = reader.header[weight.codes]
-        columns = weight.row_view[1]
         bits = weight.scheme.bits
-        if bits < 8:
-            last = weight.shape[-1]
-            # A row of the row view spans columns / last packed rows (channels of N-D).
-            per = columns // last if last else 0
-            patterns = read_packed_rows(reader, entry, start * per, stop * per, bits, last)
-            codes = sign_extend(patterns, bits).reshape(stop - start, columns)
-        else:
-            codes = reader.read_rows(entry, weight.row_view, start, stop)
+        if bits == 8:
+            return super().read_rows(reader, weight, start, stop)
+        columns, last = weight.row_view[1], weight.shape[-1]
+        # A row of the row view spans columns / last packed rows (channels of N-D).
+        per = columns // last if last else 0
+        patterns = read_packed_rows(reader, reader.header[weight.codes], start * per,
+                                    stop * per, bits, last)
         scale = read_groups(reader, weight, start, stop, "scale")
         assert scale is not None
-        return QuantizedRows(codes, scale, read_groups(reader, weight, start, stop,
-                                                       "zero_point", as_float32=False))
+        return QuantizedRows(sign_extend(patterns, bits).reshape(stop - start, columns), scale,
+                             read_groups(reader, weight, start, stop, "zero_point",
+                                         as_float32=False))
 
     def check_rows(self, weight: StoredWeight, rows: QuantizedRows, path: Path) -> None:
         super().check_rows(weight, rows, path)
@@ -182,7 +164,7 @@ class CtPacked(Layout):
     def stored_tensors(self, entry: TensorEntry, scheme: Scheme) -> list[StoredTensor]:
         name, shape, dtype = entry.name, entry.shape, entry.dtype
         out_features, in_features = shape
-        scale_shape = _scale_shape_2d(shape, scheme)
+        scale_shape = scheme.scale_shape(shape)
         words = math.ceil(in_features * scheme.bits / 32)
         stored = [StoredTensor(name + CT_PACKED, "I32", (out_features, words), "codes"),
                   StoredTensor(name + CT_SCALE, dtype, scale_shape, "scale"),
@@ -234,11 +216,13 @@ class CtPacked(Layout):
         return _ct_packed_weight(self, reader, entry, name, config)
 
 
-class CtInt(Layout):
+class CtInt(ScaledCodes):
     """compressed-tensors ``int-quantized``: what W8A8 (INT8 weights and INT8 dynamic
     per-token activations) is stored as."""
 
     name = "int-quantized"
+    scale_suffix, zero_point_suffix = CT_SCALE, CT_ZERO_POINT
+    scales_in_weight_dtype = True
 
     def refusal(self, scheme: Scheme) -> str | None:
         if scheme.element.is_float or scheme.activations != "int8":
@@ -249,26 +233,6 @@ class CtInt(Layout):
 
     def storage(self, dtype: str, scheme: Scheme) -> Storage:
         return _ct_storage(dtype, scheme)
-
-    def stored_tensors(self, entry: TensorEntry, scheme: Scheme) -> list[StoredTensor]:
-        name, shape, dtype = entry.name, entry.shape, entry.dtype
-        return [StoredTensor(name, "I8", shape, "codes"),
-                StoredTensor(name + CT_SCALE, dtype, _scale_shape_2d(shape, scheme), "scale")]
-
-    def encode(self, entry: TensorEntry, scheme: Scheme, result: RowResult,
-               first_row: int) -> list[tuple[str, np.ndarray]]:
-        pieces = [(entry.name, result.codes)]
-        if scheme.granularity != "tensor" or first_row == 0:
-            pieces.append((entry.name + CT_SCALE, result.scale.astype(numpy_dtype(entry.dtype))))
-        return pieces
-
-    def read_rows(self, reader: SafetensorsReader, weight: StoredWeight, start: int,
-                  stop: int) -> QuantizedRows:
-        codes = reader.read_rows(reader.header[weight.codes], weight.row_view, start, stop)
-        scale = read_groups(reader, weight, start, stop, "scale")
-        assert scale is not None
-        return QuantizedRows(codes, scale, read_groups(reader, weight, start, stop,
-                                                       "zero_point", as_float32=False))
 
     def match(self, reader: SafetensorsReader, entry: TensorEntry,
               config: dict[str, Any] | None) -> StoredWeight | None:
