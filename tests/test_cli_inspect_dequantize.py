@@ -28,7 +28,7 @@ from quantize_cli import __version__
 @pytest.fixture
 def quantized(runner: CliRunner, small_model: Path) -> Path:
     run_ok(runner, "quantize", str(small_model), "--method", "affine", "--block", "64", "-q")
-    return small_model.with_name("model.int8.safetensors")
+    return small_model.with_name("model.int8-affine-g64.safetensors")
 
 
 def test_inspect_plain_file(runner: CliRunner, small_model: Path) -> None:
@@ -47,7 +47,7 @@ def test_inspect_quantized_file(runner: CliRunner, quantized: Path) -> None:
 
 def test_inspect_json(runner: CliRunner, quantized: Path) -> None:
     report = json.loads(run_ok(runner, "inspect", str(quantized), "--json"))
-    assert report["schema_version"] == 2
+    assert report["schema_version"] == 3
     assert (report["format"], report["format_version"]) == ("qz", "1")
     tensors = {t["name"]: t for t in report["tensors"]}
     assert tensors["a.weight"]["role"] == "codes"
@@ -78,11 +78,13 @@ def test_inspect_reads_only_the_header(runner: CliRunner, small_model: Path,
 def test_round_trip_restores_names_shapes_and_dtypes(runner: CliRunner, small_model: Path,
                                                      quantized: Path) -> None:
     stdout = run_ok(runner, "dequantize", str(quantized))
-    restored = small_model.with_name("model.dequant.safetensors")
+    restored = small_model.with_name("model.int8-affine-g64.dequant.safetensors")
     assert f"wrote {restored}" in stdout and "Restored 3 tensors, copied 2" in stdout
     original_metadata, original = read_with_safetensors(small_model)
     metadata, back = read_with_safetensors(restored)
-    assert metadata == original_metadata
+    # The input's metadata, and what qz records of the restoring.
+    assert metadata == {**original_metadata, "qz.version": __version__,
+                        "qz.source": '{"file":"model.int8-affine-g64.safetensors","sha256":null}'}
     assert {n: t[:2] for n, t in back.items()} == {n: t[:2] for n, t in original.items()}
     for name in ("norm.weight", "position_ids"):
         assert back[name] == original[name]  # copied byte for byte

@@ -132,9 +132,17 @@ def test_existing_output_needs_force(runner: CliRunner, small_model: Path) -> No
     output.write_bytes(b"keep me")
     stderr = run_fail(runner, 1, "quantize", str(small_model))
     assert stderr == (f"Error: {output}: already exists\nHint: use --force to replace it\n")
+    # --force replaces only what qz wrote.
+    stderr = run_fail(runner, 1, "quantize", str(small_model), "--force")
+    assert stderr == (f"Error: {output}: was not written by qz; --force replaces only qz's "
+                      "own outputs\nHint: choose another path with -o\n")
     assert output.read_bytes() == b"keep me"
-    run_ok(runner, "quantize", str(small_model), "--force", "-q")
-    assert output.read_bytes() != b"keep me"
+    output.unlink()
+    run_ok(runner, "quantize", str(small_model), "-q")
+    first = output.read_bytes()
+    run_ok(runner, "quantize", str(small_model), "--force", "-q", "--method", "affine",
+           "-o", str(output))
+    assert output.read_bytes() != first
 
 
 def test_output_may_not_be_the_input(runner: CliRunner, small_model: Path) -> None:
@@ -263,3 +271,107 @@ def test_no_stats_writes_the_same_bytes(runner: CliRunner, small_model: Path) ->
                    "--force")
     assert "absmax block 128" in table and "copied: 1-D tensor" in table
     assert "Pooled" not in table and f"Wrote {without}" in table
+
+
+# --------------------------------------- say what will happen, and what went wrong, in one line
+
+
+def test_the_dry_run_refuses_what_the_run_would(runner: CliRunner, small_model: Path) -> None:
+    run_ok(runner, "quantize", str(small_model), "-q")
+    stderr = run_fail(runner, 1, "quantize", str(small_model), "--dry-run")
+    assert stderr == (f"Error: {small_model.with_name('model.int8.safetensors')}: already "
+                      "exists\nHint: use --force to replace it\n")
+    assert "Would write" in run_ok(runner, "quantize", str(small_model), "--dry-run", "--force")
+
+
+def test_worst_zero_prints_the_summary_alone(runner: CliRunner, small_model: Path) -> None:
+    stdout = run_ok(runner, "quantize", str(small_model), "--worst", "0")
+    assert "│" not in stdout and "Quantization error" not in stdout
+    assert stdout.startswith("Tensors: 3 quantized, 2 copied unchanged\n")
+
+
+@pytest.mark.parametrize(("flags", "name"), [
+    ([], "model.int8.safetensors"),
+    (["--method", "affine"], "model.int8-affine.safetensors"),
+    (["--per-channel"], "model.int8-channel.safetensors"),
+    (["--block", "64"], "model.int8-g64.safetensors"),
+    (["--bits", "4"], "model.int4.safetensors"),
+    (["--bits", "4", "--method", "affine", "--block", "64"], "model.int4-affine-g64.safetensors"),
+    (["--method", "fp8"], "model.fp8.safetensors"),
+    (["--method", "fp8", "--per-channel"], "model.fp8-channel.safetensors"),
+    (["--clip", "none", "--bits", "4"], "model.int4-clip-none.safetensors"),
+    (["--format", "compressed-tensors"], "model.ct-w8a16"),
+    (["--format", "compressed-tensors", "--per-channel"], "model.ct-int8-channel"),
+    (["--format", "compressed-tensors", "--block", "64"], "model.ct-int8-g64"),
+    (["--format", "compressed-tensors", "--scheme", "W4A16_ASYM"], "model.ct-w4a16-asym"),
+    (["--format", "mlx", "--bits", "4"], "model.mlx-int4"),
+])
+def test_default_names_say_the_scheme(runner: CliRunner, tmp_path: Path, flags: list[str],
+                                      name: str) -> None:
+    # Two different exports of one model never take the same name.
+    source = write_safetensors(tmp_path / "model.safetensors", {
+        "layers.0.mlp.up_proj.weight": np.ones((128, 256), np.float32)})
+    report = json.loads(run_ok(runner, "quantize", str(source), "--dry-run", "--json",
+                               "-", *flags))
+    assert report["output"] == str(source.with_name(name))
+
+
+def test_every_default_name_differs_and_dequantize_keeps_it(runner: CliRunner,
+                                                             small_model: Path) -> None:
+    for flags in (["--per-channel"], ["--block", "64"], ["--method", "affine"]):
+        run_ok(runner, "quantize", str(small_model), "-q", *flags)
+    written = sorted(os.listdir(small_model.parent))
+    assert written == ["model.int8-affine.safetensors", "model.int8-channel.safetensors",
+                       "model.int8-g64.safetensors", "model.safetensors"]
+    run_ok(runner, "dequantize", str(small_model.with_name(written[0])), "-q")
+    run_ok(runner, "dequantize", str(small_model.with_name(written[1])), "-q")
+    assert small_model.with_name("model.int8-affine.dequant.safetensors").is_file()
+    assert small_model.with_name("model.int8-channel.dequant.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("start", "what"), [
+    (b"PK\x03\x04", "is a PyTorch checkpoint (a zip archive, as torch.save writes)"),
+    (b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8", "is a PyTorch checkpoint (a Python pickle)"),
+    (b"GGUF\x03\x00\x00\x00", "is a GGUF file (llama.cpp's format)"),
+])
+def test_weights_in_other_formats_are_named(runner: CliRunner, tmp_path: Path, start: bytes,
+                                            what: str) -> None:
+    path = tmp_path / "model.pth"
+    path.write_bytes(start + bytes(200))
+    stderr = run_fail(runner, 1, "inspect", str(path))
+    assert stderr.startswith(f"Error: {path}: {what}, not a safetensors file\nHint: ")
+    assert len(stderr.splitlines()) == 2
+
+
+def test_a_header_whose_length_starts_like_a_pickle_is_read(runner: CliRunner,
+                                                            tmp_path: Path) -> None:
+    # 0x280 = 640 bytes of header: the file starts with b"\x80\x02", as a pickle does.
+    names = {f"layer_{index:03d}.weight": np.ones((4, 4), np.float32) for index in range(6)}
+    path = write_safetensors(tmp_path / "m.safetensors", names)
+    length = int.from_bytes(path.read_bytes()[:8], "little")
+    padded = 0x280
+    assert length <= padded
+    data = path.read_bytes()
+    path.write_bytes(padded.to_bytes(8, "little") + data[8:8 + length]
+                     + b" " * (padded - length) + data[8 + length:])
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    assert "6 tensors" in run_ok(runner, "inspect", str(path))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["diff", "{m}", "{m}", "--fail-under", "nan"], "nan is not a number of dB (or inf)"),
+    (["quantize", "{m}", "--target-sqnr", "nan"], "nan is not a positive number of dB"),
+    (["quantize", "{m}", "--target-bits", "inf"], "inf is not an average number of bits"),
+    (["quantize", "{m}", "--rule", "a.*=int9"], "--rule 'a.*=int9'"),
+    (["quantize", "{m}", "--scheme", "W9A9"], "unknown --scheme 'W9A9'"),
+    (["quantize", "{m}", "--method", "fp8", "--bits", "4"], "--bits"),
+    (["quantize", "{m}", "--method", "affine", "--format", "compressed-tensors"],
+     "affine is not supported at 8 bits"),
+    (["quantize", "{m}", "--tensor-parallel", "2"], "--tensor-parallel applies to"),
+])
+def test_invalid_option_values_are_usage_errors(runner: CliRunner, small_model: Path,
+                                                args: list[str], message: str) -> None:
+    # Exit 2, before any input is read, whatever part of qz finds the value wrong.
+    stderr = run_fail(runner, 2, *(arg.format(m=small_model) for arg in args))
+    assert message in stderr
+    assert os.listdir(small_model.parent) == ["model.safetensors"]

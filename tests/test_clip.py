@@ -137,13 +137,14 @@ def test_cli_clip_auto_and_metadata(tmp_path: Path) -> None:
     per_tensor = json.loads(runner.invoke(qz, ["quantize", str(source), "--per-tensor",
                                                "--json", "-"]).stdout)
     assert per_tensor["tensors"][0]["scheme"]["clip"] == "mse"
-    metadata, _ = read_with_safetensors(tmp_path / "m.int8.safetensors")
+    assert per_tensor["output"] == str(tmp_path / "m.int8-tensor.safetensors")
+    metadata, _ = read_with_safetensors(Path(per_tensor["output"]))
     assert json.loads(metadata["qz.tensors"])["w"]["clip"] == "mse"
-    block = json.loads(runner.invoke(qz, ["quantize", str(source), "--force",
-                                          "--json", "-"]).stdout)
+    block = json.loads(runner.invoke(qz, ["quantize", str(source), "--json", "-"]).stdout)
     assert block["tensors"][0]["scheme"]["clip"] == "none"
     none = json.loads(runner.invoke(qz, ["quantize", str(source), "--per-tensor", "--clip",
-                                         "none", "--force", "--json", "-"]).stdout)
+                                         "none", "--json", "-"]).stdout)
+    assert none["output"] == str(tmp_path / "m.int8-tensor-clip-none.safetensors")
     assert none["tensors"][0]["stats"]["sqnr_db"] < per_tensor["tensors"][0]["stats"]["sqnr_db"]
     result = runner.invoke(qz, ["dequantize", str(tmp_path / "m.int8.safetensors")])
     assert result.exit_code == 0, result.stderr

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from conftest import snapshot, write_safetensors
 from quantize_cli.cli.main import qz
+from quantize_cli.jobs import quantize_checkpoint
 from quantize_cli.storage import writer as writer_module
 
 
@@ -87,13 +88,14 @@ def test_failing_system_calls(runner: CliRunner, model: Path, monkeypatch: pytes
     def fail(*args: object) -> None:
         raise OSError(code, os.strerror(code))
 
+    output = model.with_name("m.int8.safetensors")
+    quantize_checkpoint(model, output, hash_source=False)  # a result qz may replace
+    before = output.read_bytes()
     if call == "fdatasync":
         monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 1)  # flush in the background
     monkeypatch.setattr(writer_module.os, call, fail)
-    output = model.with_name("m.int8.safetensors")
-    output.write_bytes(b"previous result")
     run_and_compare(runner, model.parent, ["quantize", str(model), "--force"], 1, message)
-    assert output.read_bytes() == b"previous result"
+    assert output.read_bytes() == before
 
 
 def test_failing_publish_of_a_sharded_output(runner: CliRunner, model: Path,
@@ -187,6 +189,6 @@ def test_sigkill_leaves_only_a_recognisable_partial_file(tmp_path: Path) -> None
     returncode, _ = start_and_signal(tmp_path, source, signal.SIGKILL)
     assert returncode == -signal.SIGKILL
     leftovers = set(os.listdir(tmp_path)) - {source.name}
-    assert all(name.startswith(".big.int8.safetensors.") and name.endswith(".qz-partial")
-               for name in leftovers)
-    assert not (tmp_path / "big.int8.safetensors").exists()
+    assert all(name.startswith(".big.int8-affine-tensor.safetensors.")
+               and name.endswith(".qz-partial") for name in leftovers)
+    assert not (tmp_path / "big.int8-affine-tensor.safetensors").exists()

@@ -210,8 +210,9 @@ def test_ct_tensor_parallel_splits_the_right_side() -> None:
     odd = CT.keep_reason(entry("m.down_proj.weight", "BF16", (256, 642)), scheme, four)
     assert odd == "kept for vLLM: input features 642 do not split over 4 GPUs"
     assert CT.keep_reason(entry("m.o_proj.weight", "BF16", (256, 768)), scheme, four) == (
-        "kept for vLLM: shape 256×768 per GPU with --tensor-parallel 4: vLLM's kernel needs "
-        "192 input features a multiple of 128 and 256 output features a multiple of 64")
+        "kept for vLLM: shape 256×768 per GPU with --tensor-parallel 4: vLLM's "
+        "weight-only kernel needs 192 input features a multiple of 128 and 256 output "
+        "features a multiple of 64")
     # Two key/value heads on four GPUs: each GPU holds a whole head of 128.
     gqa = Deployment(tensor_parallel=4, config={"num_key_value_heads": 2})
     assert CT.keep_reason(entry("m.k_proj.weight", "BF16", (256, 256)), scheme, gqa) is None
@@ -270,14 +271,18 @@ def test_a_qz_file_is_not_taken_for_compressed_tensors(tmp_path: Path) -> None:
 
 
 def test_qz_config_makes_loaders_refuse_and_dequantize_restores_it() -> None:
-    original = {"model_type": "llama", "dtype": "bfloat16", "vocab_size": 256}
+    original = {"architectures": ["LlamaForCausalLM"], "dtype": "bfloat16",
+                "model_type": "llama", "vocab_size": 256}
     config = QZ.model_config(original, Scheme(), [QuantizedWeight(entry(), Scheme())], [])
     assert config is not None
-    assert config["dtype"] == config["torch_dtype"] == (
-        "qz: quantized weights; run `qz dequantize` to restore them")
+    assert config["model_type"] == config["dtype"] == config["torch_dtype"] == (
+        "qz: quantized weights, run qz dequantize to restore a model loaders read")
     assert config["quantization_config"] == {"quant_method": "qz", "format_version": "1",
-                                             "replaced": {"dtype": "bfloat16"}}
-    assert QZ.float_config(config) == original
+                                             "replaced": {"model_type": "llama",
+                                                          "dtype": "bfloat16"}}
+    # Back in place: the keys in their order, what qz added gone.
+    restored = QZ.float_config(config)
+    assert list(restored.items()) == list(original.items())
     assert QZ.model_config(None, Scheme(), [], []) is None
 
 

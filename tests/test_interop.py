@@ -16,6 +16,7 @@ without its library.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,9 @@ def test_ct_bf16_sample_bit_for_bit(tmp_path: Path, flags: list[str]) -> None:
     exported, restored = export_and_restore(SAMPLES / "tiny_llama_sharded", tmp_path, *flags)
     theirs = decompressed_by_compressed_tensors(exported)
     ours = tensors_of(restored)
-    assert len(theirs) == 8  # the 2 × 4 attention projections; lm_head stays in BF16
+    # Weight-only layers run Marlin, which takes only the 2 × 4 attention projections of
+    # this model; W8A8 and FP8 dynamic run every shape, so the MLPs too. lm_head stays.
+    assert len(theirs) == (14 if flags[-1] in ("W8A8", "FP8_DYNAMIC") else 8)
     for name, weight in theirs.items():
         assert weight.dtype == ours[name].dtype == torch.bfloat16
         assert torch.equal(weight.view(torch.int16), ours[name].view(torch.int16)), name
@@ -218,21 +221,38 @@ def test_transformers_runs_exports_that_quantize_activations(tmp_path: Path,
                                                  theirs.flatten().float(), dim=0) > 0.999
 
 
-def test_transformers_refuses_a_qz_folder_naming_qz(tmp_path: Path) -> None:
-    source = llama_folder(tmp_path / "llama", tied=False)
+REFUSAL = "qz: quantized weights, run qz dequantize to restore a model loaders read"
+
+
+@pytest.mark.parametrize("method", ["absmax", "fp8"])
+def test_every_loader_refuses_a_qz_folder_naming_qz(tmp_path: Path, method: str) -> None:
+    # Whatever dtype the caller asks for: the model type is read before anything else.
+    source = llama_folder(tmp_path / "llama", tied=False, with_tokenizer=True)
     quantized = tmp_path / "llama.int8"
-    qz("quantize", str(source), "-o", str(quantized), "-q")
-    for load in (transformers.AutoModelForCausalLM.from_pretrained,
-                 transformers.LlamaForCausalLM.from_pretrained):
-        with pytest.raises(Exception, match="qz: quantized weights; run `qz dequantize`"):
-            load(quantized)
-    # Dequantized, it loads again, as the model it was.
+    qz("quantize", str(source), "-o", str(quantized), "-q", "--method", method)
+    loads = [lambda: transformers.AutoModelForCausalLM.from_pretrained(quantized),
+             lambda: transformers.AutoModelForCausalLM.from_pretrained(
+                 quantized, dtype=torch.bfloat16),
+             lambda: transformers.AutoModelForCausalLM.from_pretrained(
+                 quantized, dtype="auto"),
+             lambda: transformers.AutoModel.from_pretrained(quantized, dtype=torch.float32),
+             lambda: transformers.AutoConfig.from_pretrained(quantized),
+             # A model class named explicitly reads no model type; without a dtype it
+             # resolves the config's, which names qz too.
+             lambda: transformers.LlamaForCausalLM.from_pretrained(quantized)]
+    for load in loads:
+        with pytest.raises(Exception, match=re.escape(REFUSAL)):
+            load()
+    mlx_lm = pytest.importorskip("mlx_lm")
+    with pytest.raises(Exception, match=re.escape(REFUSAL)):
+        mlx_lm.load(str(quantized))
+    # Dequantized, it loads again, as the model it was, from the very config it had.
     restored = tmp_path / "restored"
     qz("dequantize", str(quantized), "-o", str(restored), "-q")
-    assert json.loads((restored / "config.json").read_text()) == json.loads(
-        (source / "config.json").read_text())
+    assert (restored / "config.json").read_bytes() == (source / "config.json").read_bytes()
     assert torch.nn.functional.cosine_similarity(
-        logits(source).flatten().float(), logits(restored).flatten().float(), dim=0) > 0.999
+        logits(source).flatten().float(), logits(restored).flatten().float(), dim=0) > (
+        0.999 if method == "absmax" else 0.995)
 
 
 # ------------------------------------------------------------------------------- MLX
@@ -395,6 +415,8 @@ def test_sentence_transformers_folder_round_trips_and_still_loads(tmp_path: Path
         assert (output / "1_Pooling" / "config.json").read_text() == (
             saved / "1_Pooling" / "config.json").read_text()
         assert (output / "modules.json").is_file() and (output / "tokenizer.json").is_file()
+    with pytest.raises(Exception, match=re.escape(REFUSAL)):  # the qz folder: refused
+        st.SentenceTransformer(str(quantized))
     sentences = ["w4 w5 w6", "w9 w8 w7 w6"]
     before = st.SentenceTransformer(str(saved)).encode(sentences)
     after = st.SentenceTransformer(str(restored)).encode(sentences)

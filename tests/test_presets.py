@@ -97,7 +97,7 @@ def test_presets_write_what_llm_compressor_writes(tmp_path: Path, preset: str) -
 def test_presets_that_need_calibration_are_refused_by_name(tmp_path: Path, preset: str,
                                                            needs: str) -> None:
     source = model_folder(tmp_path / "model", recorded("W8A16")["model"])
-    stderr = run_fail(CliRunner(), 1, "quantize", str(source), "--format",
+    stderr = run_fail(CliRunner(), 2, "quantize", str(source), "--format",
                       "compressed-tensors", "--scheme", preset)
     assert f"--scheme {preset} needs {needs}, measured by running the model" in stderr
 

@@ -43,7 +43,7 @@ def test_record_recreates_the_file(small_model: Path, tmp_path: Path,
     assert first.read_bytes() == second.read_bytes()
 
 
-def test_inspect_shows_the_record_and_dequantize_drops_it(small_model: Path) -> None:
+def test_inspect_shows_the_record_and_dequantize_replaces_it(small_model: Path) -> None:
     runner = CliRunner()
     runner.invoke(qz, ["quantize", str(small_model), "-q"])
     quantized = small_model.with_name("model.int8.safetensors")
@@ -51,8 +51,12 @@ def test_inspect_shows_the_record_and_dequantize_drops_it(small_model: Path) -> 
     assert "qz.source" in shown and sha256(small_model)[:16] in shown
     assert "qz.command" in shown and "qz quantize model.safetensors" in shown
     runner.invoke(qz, ["dequantize", str(quantized), "-q"])
-    metadata, _ = read_with_safetensors(small_model.with_name("model.dequant.safetensors"))
-    assert not any(key.startswith("qz.") for key in metadata)
+    metadata, _ = read_with_safetensors(small_model.with_name("model.int8.dequant.safetensors"))
+    # What was quantized and how is gone; what restored it, from what, stays.
+    assert sorted(key for key in metadata if key.startswith("qz.")) == ["qz.source",
+                                                                        "qz.version"]
+    assert json.loads(metadata["qz.source"]) == {"file": "model.int8.safetensors",
+                                                 "sha256": None}
 
 
 def test_sharded_and_compressed_tensors_outputs_record_each_shard(tmp_path: Path) -> None:

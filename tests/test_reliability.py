@@ -326,7 +326,7 @@ def quantize_ok(runner: CliRunner, tmp_path: Path, arrays: dict[str, np.ndarray]
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
     report = json.loads(result.stdout)
-    return {t["name"]: t for t in report["tensors"]}, tmp_path / "m.int8.safetensors"
+    return {t["name"]: t for t in report["tensors"]}, Path(report["output"])
 
 
 @pytest.mark.parametrize("method", ["absmax", "affine"])

@@ -12,12 +12,13 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import read_with_safetensors, run_fail, run_ok, write_safetensors
+from quantize_cli.cli.main import qz
 from quantize_cli.core.scheme import Scheme
 from quantize_cli.errors import SchemeError
 from quantize_cli.formats import format_named
 from quantize_cli.jobs import quantize_checkpoint
+from quantize_cli.jobs.plan import LADDER, candidate_schemes
 from quantize_cli.jobs.rules import parse_rule, rule_for
-from quantize_cli.jobs.target import LADDER, candidate_schemes
 
 # ------------------------------------------------------------------------------ rules
 
@@ -114,25 +115,43 @@ def test_rules_are_recorded_and_round_trip(tmp_path: Path, runner: CliRunner) ->
     run_ok(runner, "dequantize", str(output), "-q")
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--rule", "nothing.*=int4"], "--rule 'nothing.*=int4' matches no tensor"),
-    (["--rule", "norm.*=int4"], "matches only tensors qz does not quantize "
-                                "(norm.weight: 1-D tensor)"),
-    (["--rule", "*.mlp.*=int4", "--rule", "*.mlp.*=keep"], "--rule '*.mlp.*=int4' is "
-                                                           "overridden by later rules"),
-    (["--include", "nothing.*"], "--include 'nothing.*' matches no tensor"),
-    (["--exclude", "lm_head.*"], "--exclude 'lm_head.*' matches no tensor"),
-    (["--target-sqnr", "-5"], "--target-sqnr must be a positive number of dB, got -5"),
-    (["--target-bits", "0"], "--target-bits must be an average number of bits per weight"),
-    (["--target-bits", "3.5"], "cannot be stored in 3.5 bits per weight: the smallest "
-                               "schemes the format allows need 4.0"),
+@pytest.mark.parametrize(("flags", "code", "message"), [
+    (["--rule", "norm.*=int4"], 1, "matches only tensors qz does not quantize "
+                                   "(norm.weight: 1-D tensor)"),
+    (["--rule", "*.mlp.*=int4", "--rule", "*.mlp.*=keep"], 1,
+     "--rule '*.mlp.*=int4' is overridden by later rules"),
+    (["--include", "nothing.*"], 1, "--include 'nothing.*' matches no tensor"),
+    (["--target-sqnr", "-5"], 2, "'--target-sqnr': -5 is not a positive number of dB"),
+    (["--target-sqnr", "nan"], 2, "'--target-sqnr': nan is not a positive number of dB"),
+    (["--target-bits", "0"], 2, "'--target-bits': 0 is not an average number of bits per "
+                                "weight (above 0, below 64)"),
+    (["--target-bits", "3.5"], 1, "cannot be stored in 3.5 bits per weight: the smallest "
+                                  "schemes the format allows need 4.0"),
 ])
 def test_patterns_and_targets_that_cannot_do_anything_are_refused(
-        tmp_path: Path, runner: CliRunner, flags: list[str], message: str) -> None:
+        tmp_path: Path, runner: CliRunner, flags: list[str], code: int, message: str) -> None:
     source = model(tmp_path)
-    stderr = run_fail(runner, 1, "quantize", str(source), "--dry-run", *flags)
+    stderr = run_fail(runner, code, "quantize", str(source), "--dry-run", *flags)
     assert message in stderr
     assert not (tmp_path / "m.int8.safetensors").exists()
+
+
+@pytest.mark.parametrize(("flags", "warning"), [
+    (["--exclude", "lm_head*"], "--exclude 'lm_head*' matches no tensor"),
+    (["--rule", "nothing.*=int4"], "--rule 'nothing.*=int4' matches no tensor"),
+])
+def test_patterns_that_match_nothing_are_warnings(tmp_path: Path, flags: list[str],
+                                                  warning: str) -> None:
+    # One command run over many models: lm_head* on a model whose head is tied.
+    source = model(tmp_path)
+    written = CliRunner().invoke(qz, ["quantize", str(source), "-q", *flags])
+    assert written.exit_code == 0 and written.stdout == ""
+    assert written.stderr == f"Warning: {warning}\n"  # even with -q
+    assert (tmp_path / "m.int8.safetensors").is_file()
+    planned = CliRunner().invoke(qz, ["quantize", str(source), "--dry-run", "--json", "-",
+                                      "--force", *flags])
+    assert planned.exit_code == 0 and planned.stderr == f"Warning: {warning}\n"
+    assert json.loads(planned.stdout)["warnings"] == [warning]
 
 
 def test_keep_rules_work_in_compressed_tensors(tmp_path: Path, runner: CliRunner) -> None:
@@ -145,7 +164,7 @@ def test_keep_rules_work_in_compressed_tensors(tmp_path: Path, runner: CliRunner
     (folder / "config.json").write_text('{"model_type": "llama"}')
     run_ok(runner, "quantize", str(folder), "--format", "compressed-tensors", "-q",
            "--rule", "*.down_proj.weight=keep")
-    config = json.loads((tmp_path / "model.ct-int8" / "config.json").read_text())
+    config = json.loads((tmp_path / "model.ct-w8a16" / "config.json").read_text())
     assert "model.layers.0.mlp.down_proj" in config["quantization_config"]["ignore"]
 
 

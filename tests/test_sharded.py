@@ -44,14 +44,15 @@ def sharded(tmp_path: Path, rng: np.random.Generator) -> Path:
 def test_sharded_round_trip(runner: CliRunner, sharded: Path) -> None:
     before = snapshot(sharded)
     stdout = run_ok(runner, "quantize", str(sharded), "--method", "affine")
-    output = sharded.with_name("llama.int8")
+    output = sharded.with_name("llama.int8-affine")
     assert f"Wrote {output}" in stdout
     assert sorted(os.listdir(output)) == sorted(
         [SHARD_1, SHARD_2, "model.safetensors.index.json", "config.json", "tokenizer.json"])
     config = json.loads((output / "config.json").read_text())
-    assert config["model_type"] == "llama" and config["dtype"].startswith("qz: ")
+    assert config["model_type"].startswith("qz: ") and config["dtype"].startswith("qz: ")
+    assert config["quantization_config"]["replaced"]["model_type"] == "llama"
     assert config["quantization_config"] == {"quant_method": "qz", "format_version": "1",
-                                             "replaced": {}}
+                                             "replaced": {"model_type": "llama"}}
     index = json.loads((output / "model.safetensors.index.json").read_text())
     assert index["weight_map"]["layers.1.q.weight_scale"] == SHARD_2
     assert index["weight_map"]["layers.0.q.weight_zero_point"] == SHARD_1
@@ -65,11 +66,12 @@ def test_sharded_round_trip(runner: CliRunner, sharded: Path) -> None:
     assert index["metadata"]["total_size"] == total
 
     run_ok(runner, "dequantize", str(output / "model.safetensors.index.json"))
-    restored = sharded.with_name("llama.dequant")
+    restored = sharded.with_name("llama.int8-affine.dequant")
     for shard in (SHARD_1, SHARD_2):
         original_metadata, original = read_with_safetensors(sharded / shard)
         metadata, back = read_with_safetensors(restored / shard)
-        assert metadata == original_metadata
+        assert {key: value for key, value in metadata.items()
+                if not key.startswith("qz.")} == original_metadata
         assert {n: t[:2] for n, t in back.items()} == {n: t[:2] for n, t in original.items()}
     assert json.loads((restored / "config.json").read_text()) == {"model_type": "llama"}
     index = json.loads((restored / "model.safetensors.index.json").read_text())
@@ -103,7 +105,7 @@ def test_existing_output_folder(runner: CliRunner, sharded: Path) -> None:
     (output / "notes.txt").write_text("mine")
     assert "already exists" in run_fail(runner, 1, "quantize", str(sharded))
     stderr = run_fail(runner, 1, "quantize", str(sharded), "--force")
-    assert "is not a model folder; refusing to replace it" in stderr
+    assert "holds files qz did not write; --force replaces only qz's own outputs" in stderr
     assert (output / "notes.txt").read_text() == "mine"
     (output / "notes.txt").unlink()
     run_ok(runner, "quantize", str(sharded), "--force", "-q")

@@ -173,7 +173,7 @@ def test_one_json_convention_on_every_command(sample: Path, command: str,
     # No value, or '-': the JSON on stdout instead of the table.
     for flag in (["--json"], ["--json", "-"]):
         stdout = run_ok(runner, command, *target, *flag, "--force")
-        assert json.loads(stdout)["schema_version"] == 2
+        assert json.loads(stdout)["schema_version"] == 3
 
 
 def test_json_target_is_checked_before_any_work(small_model: Path, runner: CliRunner) -> None:

@@ -19,7 +19,8 @@ from ..jobs.reports import (
 
 #: Version of the JSON documents the commands print. 2: ``format`` on quantize and
 #: inspect, tensor roles "codes"/"scale"/"zero_point"/"shape", exact comparisons in diff.
-JSON_SCHEMA_VERSION = 2
+#: 3: quantize's ``notes`` (once ``folder.notes``) and ``warnings`` at the top level.
+JSON_SCHEMA_VERSION = 3
 
 
 def _json_number(value: float) -> float | None:
@@ -50,8 +51,7 @@ def folder_json(folder: FolderReport | None) -> dict[str, Any] | None:
     if folder is None:
         return None
     return {"carried_over": list(folder.carried_over),
-            "left_out": [{"path": path, "reason": reason} for path, reason in folder.left_out],
-            "notes": list(folder.notes)}
+            "left_out": [{"path": path, "reason": reason} for path, reason in folder.left_out]}
 
 
 def _tensor_json(tensor: TensorReport) -> dict[str, Any]:
@@ -84,6 +84,8 @@ def quantize_json(report: QuantizeReport) -> dict[str, Any]:
         "scheme": scheme_json(report.scheme),
         "tensors": [_tensor_json(tensor) for tensor in report.tensors],
         "folder": folder_json(report.folder),
+        "notes": list(report.notes),
+        "warnings": list(report.warnings),
         "totals": {
             "quantized_tensors": len(report.quantized),
             "copied_tensors": len(report.tensors) - len(report.quantized),

@@ -23,6 +23,7 @@ from .console import leave_on_closed_output
 from .text import display_text
 
 EXIT_FAILURE = 1
+EXIT_USAGE = 2
 EXIT_BELOW_THRESHOLD = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
@@ -30,8 +31,13 @@ EXIT_TERMINATED = 143
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class BadUsage(QzError):
+    """Options that cannot work, found before any input is read: exit status 2."""
+
+
 def reports_errors(command: F) -> F:
-    """Turn qz's own errors into one line on stderr and exit 1; Ctrl-C into exit 130."""
+    """Turn qz's own errors into one line on stderr and exit 1 (2 for bad usage); Ctrl-C
+    into exit 130."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -41,7 +47,7 @@ def reports_errors(command: F) -> F:
             click.echo(f"Error: {display_text(error.message)}", err=True)
             if error.hint:
                 click.echo(f"Hint: {display_text(error.hint)}", err=True)
-            sys.exit(EXIT_FAILURE)
+            sys.exit(EXIT_USAGE if isinstance(error, BadUsage) else EXIT_FAILURE)
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing was written.", err=True)
             sys.exit(EXIT_INTERRUPTED)

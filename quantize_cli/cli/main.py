@@ -16,6 +16,7 @@ from .. import __version__
 from ..core.elements import METHOD_INFO
 from ..core.explain import explain as explain_steps
 from ..core.scheme import ACTIVATIONS, BITS, CLIP_CHOICES, METHODS, Scheme
+from ..errors import SchemeError
 from ..formats import (
     DEFAULT_FORMAT,
     DEQUANTIZED_SUFFIX,
@@ -24,14 +25,28 @@ from ..formats import (
     output_suffix,
     scheme_for,
 )
-from ..jobs import dequantize_checkpoint, diff_checkpoints, inspect_checkpoint, quantize_checkpoint
+from ..jobs import (
+    check_options,
+    dequantize_checkpoint,
+    diff_checkpoints,
+    inspect_checkpoint,
+    quantize_checkpoint,
+)
 from ..jobs.rules import SYNTAX as RULE_SYNTAX
 from ..storage.dtypes import OUTPUT_DTYPES
 from . import documents, views
 from .console import make_console
-from .exits import EXIT_BELOW_THRESHOLD, reports_errors, terminate
-from .options import JsonReport, json_option, output_option, shown_worst, table_options
+from .exits import EXIT_BELOW_THRESHOLD, BadUsage, reports_errors, terminate
+from .options import (
+    JsonReport,
+    json_option,
+    number,
+    output_option,
+    shown_worst,
+    table_options,
+)
 from .progress import progress_for
+from .text import display_text
 
 
 def _stdout_console() -> Any:
@@ -91,10 +106,13 @@ def _defaults(said: Callable[[Scheme], str]) -> str:
                    "weighting the largest values. auto: mse below 8 bits and per tensor, "
                    "none otherwise.")
 @click.option("--target-sqnr", type=float, metavar="DB",
+              callback=number(lambda db: 0 < db < math.inf, "a positive number of dB"),
               help="Give each tensor the cheapest scheme (per tensor, per channel, block "
                    "128, 64, 32) whose SQNR reaches DB; tensors that cannot stay as they "
                    "are. Measures every candidate, so it reads the data more than once.")
 @click.option("--target-bits", type=float, metavar="B",
+              callback=number(lambda bits: 0 < bits < 64, "an average number of bits per "
+                              "weight (above 0, below 64)"),
               help="Give each tensor the scheme (4 or 8 bits, any granularity the format "
                    "stores, or its own dtype) so that the total squared error is least and "
                    "the selected tensors average at most B bits per weight, scales "
@@ -183,15 +201,20 @@ def quantize(
     if preset_name is not None and overridden:
         raise click.UsageError(f"--scheme {preset_name} sets the method, bits, granularity and "
                                f"activations; drop {overridden[0]}")
-    report_file = JsonReport(json_target, force, [input_path])
     granularity = "channel" if per_channel else "tensor" if per_tensor else None
-    scheme = scheme_for(FORMATS[format_name], preset_name=preset_name,
-                        method=method,  # type: ignore[arg-type]
-                        granularity=granularity,  # type: ignore[arg-type]
-                        block_size=block_size,
-                        bits=None if bits is None else int(bits),
-                        clip=clip,  # type: ignore[arg-type]
-                        activations=activations)  # type: ignore[arg-type]
+    try:
+        scheme = scheme_for(FORMATS[format_name], preset_name=preset_name,
+                            method=method,  # type: ignore[arg-type]
+                            granularity=granularity,  # type: ignore[arg-type]
+                            block_size=block_size,
+                            bits=None if bits is None else int(bits),
+                            clip=clip,  # type: ignore[arg-type]
+                            activations=activations)  # type: ignore[arg-type]
+        check_options(FORMATS[format_name], scheme, rules, target_sqnr, target_bits,
+                      tensor_parallel)
+    except SchemeError as error:
+        raise BadUsage(error.message, error.hint) from None
+    report_file = JsonReport(json_target, force, [input_path])
     with progress_for(quiet or dry_run) as progress:
         report = quantize_checkpoint(
             input_path, output, scheme, include=include, exclude=exclude, force=force,
@@ -200,11 +223,14 @@ def quantize(
             tensor_parallel=tensor_parallel, hash_source=not no_hash,
             progress=progress,
         )
+    for warning in report.warnings:  # on stderr even with --quiet: the option did nothing
+        click.echo(f"Warning: {display_text(warning)}", err=True)
     report_file.write(documents.quantize_json(report))
     if not quiet and not report_file.to_stdout:
         console = _stdout_console()
         shown = None if report.dry_run else shown_worst(worst, show_all, len(report.tensors))
-        console.print(views.quantize_table(report, console.width, shown))
+        if shown != 0:  # --worst 0: the summary alone
+            console.print(views.quantize_table(report, console.width, shown))
         console.print(views.quantize_summary(report))
 
 
@@ -263,6 +289,7 @@ def dequantize(input_path: Path, output: str | None, dtype: str, json_target: st
 @click.argument("a", metavar="A", type=click.Path(path_type=Path))
 @click.argument("b", metavar="B", type=click.Path(path_type=Path))
 @click.option("--fail-under", type=float, metavar="DB",
+              callback=number(lambda db: db > -math.inf, "a number of dB (or inf)"),
               help="Exit with status 3 if a floating tensor's SQNR is below DB, or if the "
                    "checkpoints differ otherwise (names, shapes, integer tensors). "
                    "'--fail-under inf' passes only identical checkpoints.")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +64,28 @@ def shown_worst(worst: int | None, show_all: bool, count: int) -> int | None:
     return WORST_SHOWN if sys.stdout.isatty() and count > MANY_TENSORS else None
 
 
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` holds a JSON report of qz (``schema_version`` and ``command``)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(document, dict) and {"schema_version", "command"} <= set(document)
+
+
+def number(allow: Callable[[float], bool], rule: str) -> Callable[..., float | None]:
+    """A click callback refusing a number that breaks ``rule`` (NaN breaks every rule):
+    an invalid value is bad usage, exit status 2."""
+
+    def check(context: click.Context, parameter: click.Parameter,
+              value: float | None) -> float | None:
+        if value is not None and (math.isnan(value) or not allow(value)):
+            raise click.BadParameter(f"{value:g} is not {rule}")
+        return value
+
+    return check
+
+
 class JsonReport:
     """Where ``--json`` goes: checked before any work, written (all or nothing) after."""
 
@@ -77,6 +101,10 @@ class JsonReport:
                                               "which qz never writes to"),
                                       hint="write the report elsewhere with --json")
             self.existed = self.path.exists()
+            if self.existed and not _is_report(self.path):
+                raise OutputError(located(self.path, None, "is not a report qz wrote; --force "
+                                          "replaces only qz's own reports"),
+                                  hint="write the report elsewhere with --json")
 
     def write(self, document: dict[str, Any]) -> None:
         text = dump_json(document)

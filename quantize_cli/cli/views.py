@@ -116,6 +116,7 @@ def quantize_summary(report: QuantizeReport) -> Group:
                                for t in worst)
             lines.append(Text(f"Worst: {listed}"))
     lines += _folder_lines(report.folder)
+    lines += [Text(f"Note: {display_text(note)}") for note in report.notes]
     if not report.dry_run:
         lines.append(Text(f"Wrote {display_text(str(report.output))}"))
     else:
@@ -124,7 +125,7 @@ def quantize_summary(report: QuantizeReport) -> Group:
 
 
 def _folder_lines(folder: FolderReport | None) -> list[Text]:
-    """What a folder output carries over and leaves out, and notes about it."""
+    """What a folder output carries over and leaves out."""
     if folder is None:
         return []
     lines = []
@@ -134,7 +135,6 @@ def _folder_lines(folder: FolderReport | None) -> list[Text]:
     if folder.left_out:
         lines.append(Text("Left out: " + ", ".join(f"{display_text(path)} ({reason})"
                                                    for path, reason in folder.left_out)))
-    lines += [Text(f"Note: {display_text(note)}") for note in folder.notes]
     return lines
 
 
@@ -310,7 +310,7 @@ def diff_view(report: DiffReport, width: int, worst: int | None = None) -> Group
         for column, cell in zip(columns, cells, strict=True):
             column.cells.append(cell)
     table = fitted_table(columns, width, title=title, title_justify="left")
-    lines: list[Any] = [table] if report.compared else []
+    lines: list[Any] = [table] if report.compared and worst != 0 else []
     pooled = report.pooled_stats
     if report.compared:
         lines.append(Text(f"Compared {len(report.compared)} floating tensors: pooled SQNR "

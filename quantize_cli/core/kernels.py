@@ -217,24 +217,38 @@ def tile_qparams(
     values ``storage`` holds (rounded up where plain rounding must not clip)."""
     if scheme.clip == "none":
         if scheme.symmetric:
-            magnitude = group_magnitude(groups)
-            scale = round_scale_up(absmax_scale(magnitude, scheme.bits), storage.scale_dtype)
-            if storage.divisor is not None:
-                own = round_scale_nearest(absmax_scale(magnitude, scheme.bits, storage.divisor),
-                                          storage.scale_dtype)
-                scale = _better(values, scale, own, *storage.code_range(scheme))
-            return scale, None
+            return _plain_absmax(values, group_magnitude(groups), scheme, storage), None
         affine_scale, affine_zero = affine_qparams(*group_range(groups), scheme.bits)
         return round_scale_up(affine_scale, storage.scale_dtype), affine_zero
     low, high = group_range(groups)
     if scheme.bits < 8:
-        return search_groups(values, low, high, scheme, storage)
+        searched, zero_point = search_groups(values, low, high, scheme, storage)
+        if scheme.clip == "mse" and zero_point is None and storage.divisor is not None:
+            # With a format's own rule, plain rounding's scales need not be among the
+            # search's candidates, and a search must never lose to plain rounding (found
+            # by hypothesis: [3, 4] at 4 bits in compressed-tensors).
+            plain = _plain_absmax(values, np.maximum(-low, high), scheme, storage)
+            searched = _better(values, searched, plain, *storage.code_range(scheme))
+        return searched, zero_point
     if scheme.symmetric:
         magnitude = np.maximum(-low, high)
         low, high = -magnitude, magnitude
     factor = search_factors(values, low, high, scheme.method)
     clipped_scale, zero_point = qparams_from_range(low * factor, high * factor, scheme.method)
     return round_scale_up(clipped_scale, storage.scale_dtype), zero_point
+
+
+def _plain_absmax(values: np.ndarray, magnitude: np.ndarray, scheme: Scheme,
+                  storage: Storage) -> np.ndarray:
+    """Plain absmax rounding: max|x| / 127 (or 7, …) rounded up to a stored value, or
+    per group the format's own rule (``storage.divisor``) where that gives the smaller
+    error."""
+    scale = round_scale_up(absmax_scale(magnitude, scheme.bits), storage.scale_dtype)
+    if storage.divisor is None:
+        return scale
+    own = round_scale_nearest(absmax_scale(magnitude, scheme.bits, storage.divisor),
+                              storage.scale_dtype)
+    return _better(values, scale, own, *storage.code_range(scheme))
 
 
 def _better(values: np.ndarray, scale: np.ndarray, other: np.ndarray, lowest: int,

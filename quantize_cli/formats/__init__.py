@@ -11,14 +11,14 @@ import re
 
 from ..core import Scheme
 from ..core.elements import INTEGER_BITS, METHOD_INFO
-from ..core.scheme import Activations, ClipChoice, Granularity, Method
+from ..core.scheme import ACTIVATIONS, CLIPS, Activations, ClipChoice, Granularity, Method
 from ..errors import SchemeError
 from ..storage.header import Header
 from .base import Deployment, ModelFormat, QuantizedWeight
 from .compressed_tensors import CompressedTensors
 from .layout import Layout, Role, StoredTensor, StoredWeight
 from .mlx import MlxFormat
-from .presets import PRESETS, preset
+from .presets import PRESETS, preset, preset_of
 from .qz import QzFormat
 
 #: Every format, by name; the first is the default, and detection tries them in order
@@ -67,36 +67,73 @@ def scheme_for(fmt: ModelFormat, *, preset_name: str | None = None,
 
 
 def output_suffix(fmt: ModelFormat, scheme: Scheme, target_bits: float | None = None) -> str:
-    """The suffix of default output names: ``int8``, ``ct-int4``, ``mlx-nvfp4``, …, and
+    """The suffix of default output names. It says the format and the scheme, so that two
+    different exports of one model never collide: the element (``int8``, ``int4``,
+    ``fp8``, ``nvfp4``, …), then what differs from the format's default scheme (the
+    method, ``channel``, ``tensor`` or ``g64`` for blocks of 64, the activations, a scale
+    search asked for or turned off); compressed-tensors names llm-compressor's presets;
     ``4.5bit`` for the mixed schemes of ``--target-bits 4.5``.
 
-    >>> output_suffix(format_named("compressed-tensors"), Scheme("nvfp4"))
-    'ct-nvfp4'
+    >>> qz, ct = format_named("qz"), format_named("compressed-tensors")
+    >>> output_suffix(qz, Scheme()), output_suffix(qz, Scheme("affine", "block", 64, bits=4))
+    ('int8', 'int4-affine-g64')
+    >>> output_suffix(ct, Scheme("absmax", "channel")), output_suffix(ct, Scheme("nvfp4"))
+    ('ct-int8-channel', 'ct-nvfp4a16')
     """
+    default = fmt.default_scheme
     if target_bits is not None:
-        return f"{fmt.prefix}{target_bits:g}bit"
-    return fmt.prefix + scheme.label.lower()
+        words = [f"{target_bits:g}bit"] + (
+            [scheme.method] if scheme.method != default.method else [])
+        return fmt.prefix + "-".join(words)
+    preset = preset_of(scheme) if fmt.names_presets else None
+    if preset is not None:
+        words = [preset.lower().replace("_", "-")]
+    else:
+        words = [scheme.label.lower()]
+        if not scheme.element.is_float and scheme.method != default.method:
+            words.append(scheme.method)
+        if not scheme.info.microscaling and (scheme.granularity, scheme.block_size) != (
+                default.granularity, default.block_size):
+            words.append(f"g{scheme.block_size}" if scheme.granularity == "block"
+                         else scheme.granularity)
+        if scheme.activations is not None:
+            words.append(f"{scheme.activations}act")
+    if scheme.clip != scheme.varied(clip="auto").clip:
+        words.append(f"clip-{scheme.clip}")
+    return fmt.prefix + "-".join(words)
 
 
 def _suffix_pattern() -> re.Pattern[str]:
+    """Every suffix :func:`output_suffix` makes, and dequantize's."""
     prefixes = "|".join(re.escape(fmt.prefix) for fmt in FORMATS.values() if fmt.prefix)
-    labels = sorted({f"int{bits}" for bits in INTEGER_BITS}
-                    | {info.label.lower() for info in METHOD_INFO.values() if info.label})
-    return re.compile(rf"\.(?:(?:{prefixes})?(?:{'|'.join(labels)}|\d+(?:\.\d+)?bit)"
-                      rf"|{DEQUANTIZED_SUFFIX})$")
+    first = sorted({f"int{bits}" for bits in INTEGER_BITS}
+                   | {info.label.lower() for info in METHOD_INFO.values() if info.label}
+                   | {name.lower().replace("_", "-") for name in PRESETS})
+    then = sorted({*METHOD_INFO, "channel", "tensor", *(f"{a}act" for a in ACTIVATIONS),
+                   *(f"clip-{clip}" for clip in CLIPS)})
+    words = "|".join(re.escape(word) for word in sorted(first, key=len, reverse=True))
+    qualifiers = "|".join([*(re.escape(word) for word in then), r"g\d+"])
+    return re.compile(rf"\.(?:(?:{prefixes})?(?:{words}|\d+(?:\.\d+)?bit)"
+                      rf"(?:-(?:{qualifiers}))*|{DEQUANTIZED_SUFFIX})$")
 
 
 _SUFFIX = _suffix_pattern()
 
 
 def strip_suffix(stem: str) -> str:
-    """``stem`` without a suffix :func:`output_suffix` (or dequantize) gave it, so that
-    names do not stack up.
+    """``stem`` without the suffixes :func:`output_suffix` (or dequantize) gave it, so
+    that names do not stack up.
 
-    >>> strip_suffix("llama.4.5bit"), strip_suffix("llama.ct-int4"), strip_suffix("llama")
-    ('llama', 'llama', 'llama')
+    >>> strip_suffix("llama.4.5bit"), strip_suffix("llama.ct-int4-affine-g64.dequant")
+    ('llama', 'llama')
+    >>> strip_suffix("llama.v2"), strip_suffix("model.int8-channel")
+    ('llama.v2', 'model')
     """
-    return _SUFFIX.sub("", stem)
+    while True:
+        shorter = _SUFFIX.sub("", stem)
+        if shorter == stem:
+            return stem
+        stem = shorter
 
 
 __all__ = ["DEFAULT_FORMAT", "DEQUANTIZED_SUFFIX", "FORMATS", "PRESETS", "Deployment",

@@ -62,6 +62,8 @@ class ModelFormat(ABC):
     tensor_parallel: ClassVar[bool] = False
     #: Metadata keys that describe tensors one by one (too long for a metadata table).
     tensor_metadata_keys: ClassVar[tuple[str, ...]] = ()
+    #: Whether output names use llm-compressor's preset names for its schemes.
+    names_presets: ClassVar[bool] = False
 
     # ------------------------------------------------------------------------ writing
 

@@ -30,8 +30,12 @@ from .layouts.microscaling import CtMxfp4, CtMxfp8, CtNvfp4
 from .layouts.names import CT_PACKED, CT_SCALE, module_of
 from .presets import preset_of
 
-#: vLLM's weight-only kernel (Marlin) needs these multiples of the input and output
-#: features each GPU holds (``verify_marlin_supports_shape`` in marlin_utils.py).
+#: vLLM's weight-only kernel (Marlin, for integer, FP8 and FP4 weights) needs these
+#: multiples of the input and output features each GPU holds
+#: (``verify_marlin_supports_shape`` in marlin_utils.py). Layers that quantize their
+#: activations too (W8A8, FP8 dynamic) run ``cutlass_scaled_mm``, which takes any shape
+#: (it falls back to a Triton kernel off multiples of 16) on the GPUs that run those
+#: activations natively; an Ampere GPU runs FP8 weights through Marlin, with these rules.
 IN_FEATURES_MULTIPLE, OUT_FEATURES_MULTIPLE = 128, 64
 #: Layers whose input features vLLM splits across GPUs (RowParallelLinear); the others
 #: (q/k/v, gate/up, fc1, …) split their output features (ColumnParallelLinear).
@@ -61,6 +65,7 @@ class CompressedTensors(ModelFormat):
                  "in 128×128 blocks, NVFP4, MXFP4 and MXFP8")
     folder_output = True
     tensor_parallel = True
+    names_presets = True
 
     def hint(self, scheme: Scheme) -> str | None:
         if scheme.element.is_float:
@@ -215,9 +220,10 @@ def _shape_problem(module: str, shape: tuple[int, ...], scheme: Scheme,
     out_part, in_part = (out_features, split_per_gpu) if row_parallel else (split_per_gpu,
                                                                             in_features)
     on = f" per GPU with --tensor-parallel {gpus}" if gpus > 1 else ""
-    if in_part % IN_FEATURES_MULTIPLE or out_part % OUT_FEATURES_MULTIPLE:
-        return (f"kept for vLLM: shape {out_features}×{in_features}{on}: vLLM's kernel needs "
-                f"{in_part} input features a multiple of {IN_FEATURES_MULTIPLE} and "
+    weight_only = scheme.activations is None
+    if weight_only and (in_part % IN_FEATURES_MULTIPLE or out_part % OUT_FEATURES_MULTIPLE):
+        return (f"kept for vLLM: shape {out_features}×{in_features}{on}: vLLM's weight-only "
+                f"kernel needs {in_part} input features a multiple of {IN_FEATURES_MULTIPLE} and "
                 f"{out_part} output features a multiple of {OUT_FEATURES_MULTIPLE}")
     block = scheme.block_size
     if block is not None and (in_part % block or (scheme.tiles and out_part % block)):

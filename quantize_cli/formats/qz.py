@@ -40,11 +40,14 @@ from .layouts.names import QZ_ZERO_POINT
 FORMAT_VERSIONS = ("1", "2", "3")
 KEY_FORMAT_VERSION = "qz.format_version"
 KEY_TENSORS = "qz.tensors"
-#: What config.json's dtype keys say of a qz folder; a loader that reads them as a torch
-#: dtype fails with this text in its message.
-CONFIG_MARKER = "qz: quantized weights; run `qz dequantize` to restore them"
+#: What config.json's ``model_type`` says of a qz folder. It is the first thing every
+#: loader reads (transformers' AutoConfig, and through it sentence-transformers and vLLM;
+#: mlx-lm): each refuses a model type it does not know, with this text in its message,
+#: whatever dtype the caller asks for. The dtype keys say it too, for a model class named
+#: explicitly, which reads no model type and resolves the dtype when none is given.
+CONFIG_MARKER = "qz: quantized weights, run qz dequantize to restore a model loaders read"
 #: The keys of config.json that a qz folder replaces (and dequantize restores).
-REPLACED_CONFIG_KEYS = ("dtype", "torch_dtype", "quantization_config")
+REPLACED_CONFIG_KEYS = ("model_type", "dtype", "torch_dtype", "quantization_config")
 
 
 def format_version(schemes: Sequence[Scheme]) -> str:
@@ -102,29 +105,33 @@ class QzFormat(ModelFormat):
     def model_config(self, config: dict[str, Any] | None, scheme: Scheme,
                      quantized: Sequence[QuantizedWeight],
                      kept: Sequence[TensorEntry]) -> dict[str, Any] | None:
-        """The model's config.json, telling loaders that the weights are qz codes: the
-        dtype keys (``dtype``, and ``torch_dtype`` for transformers 4) name qz, so that
-        transformers, vLLM and every loader built on them refuse the folder with that
-        name in the message rather than load codes as weights, and
-        ``quantization_config`` records the format and the keys it replaced, which
-        dequantize puts back. (An unknown ``quant_method`` alone is not enough:
-        transformers warns and loads the codes.)"""
+        """The model's config.json, telling loaders that the weights are qz codes:
+        ``model_type`` and the dtype keys name qz and ``qz dequantize`` (see
+        :data:`CONFIG_MARKER`), so that every loader refuses the folder with that in its
+        message rather than load codes as weights, and ``quantization_config`` records
+        the format and the values of the keys it replaced, which dequantize puts back in
+        place. (An unknown ``quant_method`` alone is not enough: transformers warns and
+        loads the codes.)"""
         if config is None:
             return None
         replaced = {key: config[key] for key in REPLACED_CONFIG_KEYS if key in config}
         version = format_version([weight.scheme for weight in quantized])
-        return {**config, "dtype": CONFIG_MARKER, "torch_dtype": CONFIG_MARKER,
+        marked = dict.fromkeys(("model_type", "dtype", "torch_dtype"), CONFIG_MARKER)
+        return {**config, **marked,
                 "quantization_config": {"quant_method": "qz", "format_version": version,
                                         "replaced": replaced}}
 
     def float_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The config.json the folder was made from: each replaced key gets its value back
+        in its place (so a config saved with sorted keys reads as it did), and the keys
+        qz added go."""
         recorded = config.get("quantization_config")
         if not (isinstance(recorded, dict) and recorded.get("quant_method") == "qz"):
             return super().float_config(config)
-        restored = {key: value for key, value in config.items()
-                    if key not in REPLACED_CONFIG_KEYS}
         replaced = recorded.get("replaced")
-        return {**restored, **(replaced if isinstance(replaced, dict) else {})}
+        replaced = replaced if isinstance(replaced, dict) else {}
+        return {key: replaced.get(key, value) for key, value in config.items()
+                if key in replaced or key not in REPLACED_CONFIG_KEYS}
 
     # ------------------------------------------------------------------------ reading
 

@@ -5,7 +5,7 @@ on a format."""
 from .dequantize import dequantize_checkpoint
 from .diff import diff_checkpoints
 from .inspect import inspect_checkpoint
-from .quantize import quantize_checkpoint
+from .quantize import check_options, quantize_checkpoint
 
-__all__ = ["dequantize_checkpoint", "diff_checkpoints", "inspect_checkpoint",
+__all__ = ["check_options", "dequantize_checkpoint", "diff_checkpoints", "inspect_checkpoint",
            "quantize_checkpoint"]

@@ -17,7 +17,7 @@ from ..storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader, row_ranges
 from ..storage.stream import ReadAhead
 from ..storage.writer import PlannedTensor, SafetensorsWriter
 from . import outputs
-from .provenance import without_qz_keys
+from .provenance import restored_from, without_qz_keys
 from .reports import DequantizedTensor, DequantizeReport, NoProgress, Progress
 
 
@@ -78,11 +78,20 @@ def dequantize_checkpoint(
                                           else None) for t in planned]
         if output_plan.folder:
             outputs.finish_folder(destination, checkpoint, shard_tensors,
-                                  formats[0].float_config(config) if config is not None
-                                  else None)
+                                  None if config is None
+                                  else _float_config(formats[0].float_config(config), dtype))
         destination.publish()
     return DequantizeReport(checkpoint.source, output_plan.path, tensors, output_bytes,
                             outputs.folder_report(output_plan))
+
+
+def _float_config(config: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """The dequantized model's config.json: its dtype keys say ``dtype`` when one was
+    asked for, so that loaders take the weights as what they now are."""
+    if dtype == "original":
+        return config
+    return {key: dtype if key in ("dtype", "torch_dtype") else value
+            for key, value in config.items()}
 
 
 def _plan_shard(shard: Shard, weights: dict[str, StoredWeight],
@@ -111,7 +120,9 @@ def _dequantize_shard(shard: Shard, fmt: ModelFormat | None, planned: list[Plann
         metadata = without_qz_keys(header.metadata)
         if fmt is not None:
             metadata = fmt.float_metadata(metadata)
-        writer = stack.enter_context(SafetensorsWriter(target, planned, metadata))
+        metadata.update(restored_from(shard.path.name))
+        writer = stack.enter_context(SafetensorsWriter(target, planned, metadata,
+                                                       outputs.permissions(shard.path)))
         # Every read of the shard, in order: raw pieces of the tensors that are copied and
         # stored rows of the quantized weights; each is read while the one before is
         # being restored and written.

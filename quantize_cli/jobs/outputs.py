@@ -1,12 +1,16 @@
 """Where a job's output goes and what a folder output holds besides the weights.
 
-Folders are the unit (DESIGN §5): a model folder in (a folder, an index, or the one
+Folders are the unit (DESIGN §5): a model folder in (a folder, an index, or a
 ``.safetensors`` file of a folder with a config.json) gives a complete model folder out,
 beside the input and never inside it, holding the rewritten weights, index and
 config.json and every other file of the model (tokenizer, templates, model card,
 subfolders such as ``1_Pooling/``) except weights in other formats. A loose
 ``.safetensors`` file gives a file beside it, unless the format writes folders or ``-o``
-names a folder (``DIR/`` or an existing folder).
+names a folder (``DIR/`` or an existing folder). A model in a Hugging Face cache gives
+its output in the current folder, named after the model: qz never writes in a cache.
+
+What qz may replace (``--force``): an output it wrote (every weight file's metadata names
+qz), or an empty folder; nothing else. Outputs keep their input's permission bits.
 """
 
 from __future__ import annotations
@@ -15,24 +19,25 @@ import json
 import math
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, OutputError, located
-from ..formats import strip_suffix
-from ..storage.checkpoint import Checkpoint, Shard
+from ..errors import InputError, OutputError, QzError, located
+from ..formats import DEQUANTIZED_SUFFIX, strip_suffix
+
+# Weights in other formats are left out: a copy would hand a loader the full-precision
+# model beside the quantized one.
+from ..storage.checkpoint import OTHER_WEIGHT_SUFFIXES, Checkpoint, Shard
 from ..storage.dtypes import DTYPE_BITS
 from ..storage.jsonfile import loads_strict
+from ..storage.reader import SafetensorsReader
 from ..storage.writer import PlannedTensor, StagedFolder, check_output_path
+from .provenance import KEY_VERSION
 from .reports import FolderReport
 
 CONFIG_NAME = "config.json"
-#: Files of these kinds hold weights in formats qz does not convert: a copy would hand a
-#: loader the full-precision model beside the quantized one (PyTorch, TensorFlow, Flax,
-#: GGUF, ONNX, OpenVINO, Rust, NumPy, Paddle checkpoints).
-OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx",
-                         ".onnx_data", ".ot", ".npz", ".pdparams", ".nemo", ".tflite")
 #: Folders that hold another copy of the weights (Llama's ``original/`` checkpoint).
 OTHER_WEIGHT_FOLDERS = ("original",)
 
@@ -58,13 +63,35 @@ class OutputPlan:
 
 def model_folder(checkpoint: Checkpoint) -> Path | None:
     """The model folder the checkpoint is, if it is one: a folder or an index was named,
-    or a ``.safetensors`` file that is the only one of a folder with a config.json."""
+    or a ``.safetensors`` file of a folder with a config.json (vLLM and mlx-lm load every
+    ``.safetensors`` of such a folder, so nothing may be written in it)."""
     if checkpoint.sharded or checkpoint.source.is_dir():
         return checkpoint.folder
     folder = checkpoint.folder
-    if (folder / CONFIG_NAME).is_file() and len(list(folder.glob("*.safetensors"))) == 1:
-        return folder
+    return folder if (folder / CONFIG_NAME).is_file() else None
+
+
+#: The folders of a Hugging Face cache's repositories: ``models--ORG--NAME``.
+_CACHE_REPOSITORIES = ("models--", "datasets--", "spaces--")
+
+
+def cached_model(path: Path) -> str | None:
+    """The model's name when ``path`` lies in a Hugging Face cache snapshot
+    (``…/hub/models--ORG--NAME/snapshots/REVISION``), else None.
+
+    >>> cached_model(Path("/c/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/12ab"))
+    'SmolLM2-135M'
+    """
+    parts = path.absolute().parts
+    for index, part in enumerate(parts[:-1]):
+        if part.startswith(_CACHE_REPOSITORIES) and parts[index + 1] == "snapshots":
+            return part.split("--")[-1]
     return None
+
+
+def _in_cache(path: Path) -> bool:
+    return any(part.startswith(_CACHE_REPOSITORIES)
+               for part in path.resolve().parts[:-1] + path.absolute().parts[:-1])
 
 
 def plan_output(checkpoint: Checkpoint, output: str | Path | None, suffix: str,
@@ -99,10 +126,16 @@ def plan_output(checkpoint: Checkpoint, output: str | Path | None, suffix: str,
 
 def _beside(source: Path, suffix: str, folder: bool) -> Path:
     """``llama`` → ``llama.<suffix>``; ``model.safetensors`` → ``model.<suffix>`` (a
-    folder) or ``model.<suffix>.safetensors``; a suffix qz gave is replaced."""
+    folder) or ``model.<suffix>.safetensors``; a suffix qz gave is replaced (a
+    dequantized output keeps the name of what it was restored from). A model in a
+    Hugging Face cache goes to the current folder, named after the model."""
     if source.name in ("", ".", ".."):
         source = source.resolve()
-    stem = strip_suffix(source.name.removesuffix(".safetensors"))
+    cached = cached_model(source)
+    if cached is not None:
+        return Path(cached + "." + suffix)
+    name = source.name.removesuffix(".safetensors")
+    stem = name if suffix == DEQUANTIZED_SUFFIX else strip_suffix(name)
     name = f"{stem}.{suffix}" if folder or source.is_dir() else f"{stem}.{suffix}.safetensors"
     return source.parent / name
 
@@ -155,6 +188,10 @@ def _left_out_reason(entry: Path, top_level: bool) -> str | None:
     name = entry.name
     if name.startswith("."):
         return "hidden"
+    if entry.is_symlink() and entry.is_dir():
+        # It may lead out of the model folder, or back into it; files that are links are
+        # followed (the Hugging Face cache keeps every file as one).
+        return "a link to a folder, not followed"
     if entry.is_dir():
         if top_level and name in OTHER_WEIGHT_FOLDERS:
             return "another copy of the weights"
@@ -169,6 +206,51 @@ def _left_out_reason(entry: Path, top_level: bool) -> str | None:
     return None
 
 
+def check_destination(plan: OutputPlan, checkpoint: Checkpoint, force: bool) -> None:
+    """Refuse, before any work (and in a dry run), an output the job may not write: in a
+    Hugging Face cache, inside the input, an existing one without ``force``, or one qz
+    did not write (which ``force`` never replaces).
+
+    Raises:
+        OutputError: naming the output and why.
+    """
+    if _in_cache(plan.path):
+        raise OutputError(located(plan.path, None, "is inside a Hugging Face cache, which qz "
+                                  "never writes to"),
+                          hint="choose a place outside the cache with -o")
+    if plan.folder:
+        _check_folder_output(plan.path, checkpoint, force)
+        return
+    check_output_path(plan.path, [shard.path for shard in checkpoint.shards], force)
+    model = model_folder(checkpoint)
+    if model is not None and plan.path.absolute().parent.resolve() == model.resolve():
+        raise OutputError(located(plan.path, None, "would be written inside the model folder "
+                                  "(vLLM and mlx-lm load every .safetensors there)"),
+                          hint="give a folder beside the model with -o, or no -o")
+    if plan.path.exists() and not written_by_qz(plan.path):
+        raise OutputError(located(plan.path, None, "was not written by qz; --force replaces "
+                                  "only qz's own outputs"), hint="choose another path with -o")
+
+
+def written_by_qz(path: Path) -> bool:
+    """Whether ``path`` is an output of qz: a safetensors file whose metadata names qz's
+    version, or a folder whose every weight file does (and that has one)."""
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    for file in files:
+        try:
+            with SafetensorsReader(file) as reader:
+                if KEY_VERSION not in reader.header.metadata:
+                    return False
+        except QzError:
+            return False
+    return bool(files)
+
+
+def permissions(path: Path) -> int:
+    """The permission bits of ``path``, which an output made from it keeps."""
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 class Destination:
     """Where a job writes: one file, published by its writer, or a folder, built under a
     hidden name and renamed into place whole. The target is checked on creation, before
@@ -177,11 +259,11 @@ class Destination:
     def __init__(self, plan: OutputPlan, checkpoint: Checkpoint, force: bool) -> None:
         self.plan = plan
         self._staging: StagedFolder | None = None
+        check_destination(plan, checkpoint, force)
         if plan.folder:
-            _check_folder_output(plan.path, checkpoint, force)
-            self._staging = StagedFolder(plan.path, force or _is_empty_folder(plan.path))
-        else:
-            check_output_path(plan.path, [shard.path for shard in checkpoint.shards], force)
+            folder = model_folder(checkpoint)
+            self._staging = StagedFolder(plan.path, force or _is_empty_folder(plan.path),
+                                         permissions(folder) if folder is not None else None)
 
     def __enter__(self) -> Destination:
         if self._staging is not None:
@@ -198,9 +280,14 @@ class Destination:
             return self.plan.path
         return self._staging.path / shard.path.name
 
-    def write_text(self, name: str, text: str) -> None:
+    def write_text(self, name: str, text: str, like: Path | None = None) -> None:
+        """Write a file of the folder, with the permission bits of the input file
+        ``like`` (the config.json or index it replaces)."""
         assert self._staging is not None, "only a folder holds other files"
-        (self._staging.path / name).write_text(text, encoding="utf-8")
+        target = self._staging.path / name
+        target.write_text(text, encoding="utf-8")
+        if like is not None and like.is_file():
+            os.chmod(target, permissions(like))
 
     def copy(self, source: Path, relative: Path) -> None:
         """Copy a file of the model folder to the same place in the output (links are
@@ -243,9 +330,10 @@ def _check_folder_output(output: Path, checkpoint: Checkpoint, force: bool) -> N
     if not force:
         raise OutputError(located(output, None, "already exists"),
                           hint="use --force to replace it")
-    if not any(output.glob("*.safetensors")) and not (output / CONFIG_NAME).is_file():
-        raise OutputError(located(output, None, "is not a model folder; refusing to replace "
-                                  "it"), hint="choose another folder with -o")
+    if not written_by_qz(output):
+        raise OutputError(located(output, None, "holds files qz did not write; --force "
+                                  "replaces only qz's own outputs or an empty folder"),
+                          hint="choose another folder with -o")
 
 
 def index_text(checkpoint: Checkpoint, shard_tensors: dict[str, list[PlannedTensor]]) -> str:
@@ -296,20 +384,22 @@ def finish_folder(destination: Destination, checkpoint: Checkpoint,
                   config: dict[str, Any] | None) -> None:
     """Write a folder output's index and config.json, and carry over the model folder's
     other files."""
-    if checkpoint.index_path is not None:
-        destination.write_text(checkpoint.index_path.name, index_text(checkpoint, shard_tensors))
-    if config is not None:
-        destination.write_text(CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-    contents = destination.plan.contents
     folder = model_folder(checkpoint)
+    if checkpoint.index_path is not None:
+        destination.write_text(checkpoint.index_path.name, index_text(checkpoint, shard_tensors),
+                               like=checkpoint.index_path)
+    if config is not None:
+        destination.write_text(CONFIG_NAME, json.dumps(config, indent=2) + "\n",
+                               like=None if folder is None else folder / CONFIG_NAME)
+    contents = destination.plan.contents
     if contents is not None and folder is not None:
         for relative in contents.files:
             destination.copy(folder / relative, relative)
 
 
-def folder_report(plan: OutputPlan, notes: tuple[str, ...] = ()) -> FolderReport | None:
+def folder_report(plan: OutputPlan) -> FolderReport | None:
     """What a report says of a folder output (None for a file)."""
     if not plan.folder:
         return None
     contents = plan.contents or FolderContents()
-    return FolderReport(tuple(str(path) for path in contents.files), contents.left_out, notes)
+    return FolderReport(tuple(str(path) for path in contents.files), contents.left_out)

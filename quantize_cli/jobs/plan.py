@@ -12,12 +12,20 @@ from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from ..core.scheme import Scheme
-from ..errors import InputError, located
-from ..formats import Deployment, ModelFormat, QuantizedWeight, StoredTensor
+from ..core.scheme import ACTIVATIONS, Scheme
+from ..errors import InputError, SchemeError, located
+from ..formats import (
+    PRESETS,
+    Deployment,
+    ModelFormat,
+    QuantizedWeight,
+    StoredTensor,
+    scheme_for,
+)
 from ..storage.dtypes import DTYPE_BITS, FLOAT_DTYPES
 from ..storage.header import Header, TensorEntry
 from ..storage.writer import PlannedTensor
+from .provenance import granularity_options
 from .rules import Rule, rule_for
 
 #: Tensors smaller than this stay in their dtype by default (DESIGN §3): the scale and
@@ -26,6 +34,11 @@ MIN_ELEMENTS = 1024
 #: A model run on one GPU, with no config.json to consult.
 ONE_GPU = Deployment()
 
+
+#: The granularities the targets and the advice about kept tensors try, from the fewest
+#: scales to the most.
+LADDER: tuple[tuple[str, int | None], ...] = (
+    ("tensor", None), ("channel", None), ("block", 128), ("block", 64), ("block", 32))
 
 @dataclass(frozen=True)
 class TensorPlan:
@@ -38,6 +51,7 @@ class TensorPlan:
     outputs: tuple[PlannedTensor, ...]
     selected: bool = False  # chosen by the selection rules (before --rule and the format)
     rule: str | None = None  # the --rule that decided it
+    format_kept: bool = False  # chosen, but kept in its dtype by a rule of the format
 
     @property
     def name(self) -> str:
@@ -55,9 +69,10 @@ class TensorPlan:
         assert self.scheme is not None
         return QuantizedWeight(self.entry, self.scheme)
 
-    def with_scheme(self, scheme: Scheme | None, reason: str, fmt: ModelFormat) -> TensorPlan:
+    def with_scheme(self, scheme: Scheme | None, reason: str, fmt: ModelFormat,
+                    format_kept: bool = False) -> TensorPlan:
         """The same tensor with another decision (e.g. one chosen by --target-sqnr)."""
-        return replace(self, scheme=scheme, reason=reason,
+        return replace(self, scheme=scheme, reason=reason, format_kept=format_kept,
                        outputs=_outputs(self.entry, scheme, fmt))
 
 
@@ -122,13 +137,12 @@ def plan_tensor(entry: TensorEntry, scheme: Scheme, fmt: ModelFormat,
     if rule is not None:
         chosen, reason = rule.scheme is not None, f"--rule {rule.text}"
         scheme = rule.scheme or scheme
-    if chosen:
-        kept = fmt.keep_reason(entry, scheme, deployment)
-        if kept is not None:
-            chosen, reason = False, kept
+    kept = fmt.keep_reason(entry, scheme, deployment) if chosen else None
+    if kept is not None:
+        chosen, reason = False, kept
     chosen_scheme = scheme if chosen else None
     return TensorPlan(entry, chosen_scheme, reason, _outputs(entry, chosen_scheme, fmt),
-                      selected, rule.text if rule else None)
+                      selected, rule.text if rule else None, kept is not None)
 
 
 def plan_shard(header: Header, path: str | Path, scheme: Scheme, fmt: ModelFormat,
@@ -160,7 +174,7 @@ def keep_fused_together(plans: dict[str, list[TensorPlan]],
     >>> settled = keep_fused_together({"m": [q, k]}, format_named("compressed-tensors"))
     >>> settled["m"][0].reason
     "kept for vLLM: fused with l.attn.k_proj.weight, which is kept for vLLM: shape 32×128: \
-vLLM's kernel needs 128 input features a multiple of 128 and 32 output features a \
+vLLM's weight-only kernel needs 128 input features a multiple of 128 and 32 output features a \
 multiple of 64"
     """
     kept: dict[str, TensorPlan] = {}
@@ -176,7 +190,7 @@ multiple of 64"
         if cause is None or not plan.quantized or plan.rule is not None:
             return plan
         return plan.with_scheme(None, f"kept for vLLM: fused with {cause.name}, which is "
-                                f"{cause.reason}", fmt)
+                                f"{cause.reason}", fmt, format_kept=True)
 
     return {name: [settle(plan) for plan in shard_plans] for name, shard_plans in plans.items()}
 
@@ -195,9 +209,12 @@ def check_collisions(plans: Sequence[TensorPlan], header: Header, path: str | Pa
 
 
 def check_patterns(source: Path, plans: Sequence[TensorPlan], include: Sequence[str],
-                   exclude: Sequence[str], rules: Sequence[Rule]) -> None:
-    """Refuse a pattern that does nothing, which is almost always a typo: an --include or
-    --exclude that matches no tensor name, a --rule that decides no tensor.
+                   exclude: Sequence[str], rules: Sequence[Rule]) -> list[str]:
+    """Refuse a pattern that cannot be what was meant: an --include that matches no
+    tensor name (nothing would be quantized as asked), a --rule that only later rules or
+    unselected tensors see. An --exclude or a --rule that matches no tensor is a warning,
+    returned: scripts run one command over many models (``--exclude 'lm_head*'`` on a
+    model whose head is tied).
 
     Raises:
         InputError: naming the pattern, and what it matched if anything.
@@ -205,9 +222,13 @@ def check_patterns(source: Path, plans: Sequence[TensorPlan], include: Sequence[
     names = [plan.name for plan in plans]
     hint = ("patterns are globs matched against whole tensor names ('*' matches dots "
             "too); qz inspect lists the names")
+    warnings = []
     for option, patterns in (("--include", include), ("--exclude", exclude)):
         for pattern in patterns:
             if not any(fnmatchcase(name, pattern) for name in names):
+                if option == "--exclude":
+                    warnings.append(f"--exclude {pattern!r} matches no tensor")
+                    continue
                 raise InputError(located(source, None, f"{option} {pattern!r} matches no "
                                          "tensor"), hint=hint)
     for rule in rules:
@@ -216,11 +237,140 @@ def check_patterns(source: Path, plans: Sequence[TensorPlan], include: Sequence[
         matched = [plan for plan in plans if rule.matches(plan.name)]
         rule_hint = hint
         if not matched:
-            why = "matches no tensor"
-        elif any(plan.selected for plan in matched):
+            warnings.append(f"--rule {rule.text!r} matches no tensor")
+            continue
+        if any(plan.selected for plan in matched):
             why = "is overridden by later rules for every tensor it matches"
         else:
             why = (f"matches only tensors qz does not quantize ({matched[0].name}: "
                    f"{matched[0].reason})")
             rule_hint = "rules change how selected tensors are quantized; --include selects"
         raise InputError(located(source, None, f"--rule {rule.text!r} {why}"), hint=rule_hint)
+    return warnings
+
+
+def candidate_schemes(base: Scheme, fmt: ModelFormat, bit_widths: Sequence[int]) -> list[Scheme]:
+    """The schemes of :data:`LADDER` at each of ``bit_widths`` (``base``'s method) that
+    the format can store, cheapest first within each width.
+
+    >>> from quantize_cli.formats import format_named
+    >>> [s.describe() for s in candidate_schemes(Scheme(), format_named("mlx"), [4])]
+    ['int4 absmax block 128, mse clip', 'int4 absmax block 64, mse clip', \
+'int4 absmax block 32, mse clip']
+    """
+    schemes = []
+    for bits in bit_widths:
+        for granularity, block_size in LADDER:
+            scheme = base.varied(granularity=granularity,  # type: ignore[arg-type]
+                                 block_size=block_size, bits=bits)
+            try:
+                fmt.check_scheme(scheme)
+            except SchemeError:
+                continue
+            if scheme not in schemes:
+                schemes.append(scheme)
+    return schemes
+
+
+@dataclass(frozen=True)
+class KeptByFormat:
+    """The selected tensors a format keeps in their dtype (its kernels' shape rules, its
+    output head), and the granularities that would quantize the most of them."""
+
+    kept: tuple[TensorPlan, ...]
+    selected: int
+    options: tuple[str, ...] = ()  # e.g. ("--per-channel", "--block 64")
+    quantizable: int = 0  # how many of ``kept`` each of ``options`` quantizes
+
+    @property
+    def advice(self) -> str | None:
+        """The options that would quantize more, and how many they would."""
+        if not self.options:
+            return None
+        how_many = "all" if self.quantizable == len(self.kept) else str(self.quantizable)
+        verb = "quantizes" if len(self.options) == 1 else "quantize"
+        return f"{' or '.join(self.options)} {verb} {how_many} of them"
+
+    def reasons(self, listed: int = 3) -> str:
+        """Why they were kept, one reason at a time with a tensor it applies to."""
+        by_reason: dict[str, list[str]] = {}
+        for plan in self.kept:
+            by_reason.setdefault(plan.reason, []).append(plan.name)
+        parts = [f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''} "
+                 f"({reason})" for reason, names in list(by_reason.items())[:listed]]
+        if len(by_reason) > listed:
+            parts.append(f"{len(by_reason) - listed} other reasons (--dry-run lists them)")
+        return "; ".join(parts)
+
+    def note(self, fmt: ModelFormat) -> str | None:
+        """What the summary says: when a granularity would quantize more, or when the
+        format keeps most of what was selected."""
+        if not self.options and 2 * len(self.kept) <= self.selected:
+            return None
+        note = (f"{len(self.kept)} of {self.selected} selected tensors kept in their dtype "
+                f"for {fmt.name}: {self.reasons(1)}")
+        return f"{note}; {self.advice}" if self.advice else note
+
+
+def kept_by_format(plans: dict[str, list[TensorPlan]], scheme: Scheme, fmt: ModelFormat,
+                   include: Sequence[str] = (), exclude: Sequence[str] = (),
+                   deployment: Deployment = ONE_GPU,
+                   rules: Sequence[Rule] = ()) -> KeptByFormat:
+    """The selected tensors ``fmt`` keeps in their dtype, and which other granularities
+    of ``scheme`` the format can store would quantize the most of them (planned again
+    from the headers, fused layers included).
+
+    >>> from quantize_cli.formats import format_named
+    >>> ct = format_named("compressed-tensors")
+    >>> entry = TensorEntry("l.mlp.down_proj.weight", "F32", (576, 576), 0, 0)
+    >>> w8a16 = Scheme("absmax", "channel")
+    >>> fp8_blocks = Scheme("fp8", "block", 128, activations="fp8")
+    >>> kept_by_format({"m": [plan_tensor(entry, w8a16, ct)]}, w8a16, ct).advice
+    '--activations int8 or --scheme FP8_DYNAMIC quantize all of them'
+    >>> kept_by_format({"m": [plan_tensor(entry, fp8_blocks, ct)]}, fp8_blocks, ct).advice
+    '--per-channel or --scheme W8A8 quantize all of them'
+    """
+    every = [plan for shard_plans in plans.values() for plan in shard_plans]
+    kept = tuple(plan for plan in every if plan.format_kept)
+    selected = sum(plan.selected for plan in every)
+    if not kept:
+        return KeptByFormat(kept, selected)
+    counts: dict[str, int] = {}
+    for option, candidate in _alternatives(scheme, fmt):
+        replanned = keep_fused_together(
+            {shard: [plan_tensor(plan.entry, candidate, fmt, include, exclude, deployment,
+                                 rules) for plan in shard_plans]
+             for shard, shard_plans in plans.items()}, fmt)
+        quantized = {plan.name for shard_plans in replanned.values()
+                     for plan in shard_plans if plan.quantized}
+        counts[option] = sum(plan.name in quantized for plan in kept)
+    most = max(counts.values(), default=0)
+    if most == 0:
+        return KeptByFormat(kept, selected)
+    # One value per row is the coarsest choice that helps; one value per tensor is only
+    # offered when nothing finer helps as much.
+    options = [option for option, count in counts.items() if count == most]
+    finer = [option for option in options if option != "--per-tensor"]
+    return KeptByFormat(kept, selected, tuple((finer or options)[:2]), most)
+
+
+def _alternatives(scheme: Scheme, fmt: ModelFormat) -> list[tuple[str, Scheme]]:
+    """The schemes one option away from ``scheme`` that ``fmt`` can store: its other
+    granularities, the activations a runtime could quantize with it, and the presets of
+    as many bits."""
+    alternatives = [(" ".join(granularity_options(other.granularity, other.block_size)), other)
+                    for other in candidate_schemes(scheme, fmt, [scheme.bits])
+                    if other != scheme]
+    options = [*(f"--activations {name}" for name in ACTIVATIONS if name != scheme.activations),
+               *(f"--scheme {name}" for name in PRESETS)]
+    for option in options:
+        flag, value = option.split()
+        try:
+            other = (scheme_for(fmt, preset_name=value) if flag == "--scheme"
+                     else scheme.varied(activations=value))  # type: ignore[arg-type]
+            fmt.check_scheme(other)
+        except SchemeError:
+            continue
+        if other.bits == scheme.bits and other not in [scheme, *dict(alternatives).values()]:
+            alternatives.append((option, other))
+    return alternatives

@@ -48,6 +48,17 @@ def provenance(source_file: str, sha256: str | None, options: dict[str, Any],
     }
 
 
+def granularity_options(granularity: str, block_size: int | None) -> list[str]:
+    """The command-line options that choose a granularity.
+
+    >>> granularity_options("block", 64), granularity_options("channel", None)
+    (['--block', '64'], ['--per-channel'])
+    """
+    if granularity == "block":
+        return ["--block", str(block_size)]
+    return ["--per-channel"] if granularity == "channel" else ["--per-tensor"]
+
+
 def command_line(source: str, options: dict[str, Any]) -> str:
     """The ``qz quantize`` command that re-creates the output from ``source`` (the file,
     index or folder given as input)."""
@@ -59,9 +70,7 @@ def command_line(source: str, options: dict[str, Any]) -> str:
     targets = [(flag, options.get(key)) for flag, key in (
         ("--target-sqnr", "target_sqnr"), ("--target-bits", "target_bits"))]
     if all(value is None for _, value in targets):
-        granularity = options["granularity"]
-        parts += (["--block", str(options["block"])] if granularity == "block"
-                  else ["--per-channel"] if granularity == "channel" else ["--per-tensor"])
+        parts += granularity_options(options["granularity"], options["block"])
     for flag, value in targets:
         if value is not None:
             parts += [flag, f"{value:g}"]
@@ -80,5 +89,17 @@ def command_line(source: str, options: dict[str, Any]) -> str:
 
 
 def without_qz_keys(metadata: dict[str, str]) -> dict[str, str]:
-    """Metadata without qz's keys (what a dequantized file keeps)."""
+    """Metadata without qz's keys."""
     return {key: value for key, value in metadata.items() if not key.startswith(KEY_PREFIX)}
+
+
+def restored_from(source_file: str) -> dict[str, str]:
+    """What a dequantized file records in place of the quantized one's keys: qz's
+    version and the file it was restored from (which tells, too, that qz wrote it).
+
+    >>> restored_from("m.int8.safetensors")["qz.source"]
+    '{"file":"m.int8.safetensors","sha256":null}'
+    """
+    return {KEY_VERSION: __version__,
+            KEY_SOURCE: json.dumps({"file": source_file, "sha256": None},
+                                   separators=(",", ":"), sort_keys=True)}

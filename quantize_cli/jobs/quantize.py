@@ -29,11 +29,19 @@ from ..storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader
 from ..storage.stream import ShardStream, StreamHasher, TensorChunks
 from ..storage.writer import SafetensorsWriter
 from . import outputs
-from .plan import TensorPlan, check_patterns, keep_fused_together, plan_shard
+from .plan import (
+    KeptByFormat,
+    TensorPlan,
+    candidate_schemes,
+    check_patterns,
+    keep_fused_together,
+    kept_by_format,
+    plan_shard,
+)
 from .provenance import PENDING_HASH, command_line, provenance
 from .reports import NoProgress, Progress, QuantizeReport, TensorReport
-from .rules import parse_rules
-from .target import TARGET_BITS, candidate_schemes, choose_for_bits, choose_for_sqnr, measure
+from .rules import Rule, parse_rules
+from .target import TARGET_BITS, choose_for_bits, choose_for_sqnr, measure
 from .tensor import quantized_chunks
 
 
@@ -83,16 +91,7 @@ def quantize_checkpoint(
     fmt = format_named(format)
     scheme = scheme or fmt.default_scheme
     progress = progress or NoProgress()
-    fmt.check_scheme(scheme)
-    parsed_rules = parse_rules(rules, scheme)
-    for rule in parsed_rules:
-        if rule.scheme is not None:
-            fmt.check_scheme(rule.scheme)
-    _check_targets(target_sqnr, target_bits)
-    if tensor_parallel != 1 and not fmt.tensor_parallel:
-        served = ", ".join(name for name, other in FORMATS.items() if other.tensor_parallel)
-        raise SchemeError(f"--tensor-parallel applies to the formats vLLM runs ({served}), "
-                          f"not to {fmt.name}")
+    parsed_rules = check_options(fmt, scheme, rules, target_sqnr, target_bits, tensor_parallel)
     checkpoint = open_checkpoint(source)
     _refuse_quantized(checkpoint)
     output_plan = outputs.plan_output(checkpoint, output,
@@ -102,9 +101,11 @@ def quantize_checkpoint(
     plans = {shard.path.name: plan_shard(shard.header, shard.path, scheme, fmt, include,
                                          exclude, deployment, parsed_rules)
              for shard in checkpoint.shards}
-    check_patterns(checkpoint.source, [plan for shard_plans in plans.values()
-                                       for plan in shard_plans], include, exclude, parsed_rules)
+    warnings = check_patterns(checkpoint.source, [plan for shard_plans in plans.values()
+                                                  for plan in shard_plans],
+                              include, exclude, parsed_rules)
     plans = keep_fused_together(plans, fmt)
+    kept = kept_by_format(plans, scheme, fmt, include, exclude, deployment, parsed_rules)
     if target_sqnr is None and target_bits is None:
         fmt.check_model(_decided(plans))
     else:
@@ -116,7 +117,7 @@ def quantize_checkpoint(
                                     fmt)
         elif target_sqnr is not None:
             plans = choose_for_sqnr(plans, candidates, target_sqnr, fmt)
-    _refuse_nothing_to_do(checkpoint, plans, target_sqnr)
+    _refuse_nothing_to_do(checkpoint, plans, target_sqnr, kept, fmt)
     options: dict[str, Any] = {
         "method": scheme.method, "granularity": scheme.granularity,
         "block": scheme.block_size, "clip": scheme.clip, "include": list(include),
@@ -135,6 +136,9 @@ def quantize_checkpoint(
     every = [plan for shard_plans in plans.values() for plan in shard_plans]
     notes = tuple(fmt.notes(list(dict.fromkeys(plan.scheme for plan in every
                                                if plan.scheme is not None))))
+    kept_note = kept.note(fmt)
+    if kept_note is not None:
+        notes += (kept_note,)
     if output_plan.folder and fmt.folder_output and config is None:
         notes += (f"no config.json beside the input, so the output has none: loaders need "
                   f"the model's config.json, with what {fmt.name} adds to it",)
@@ -150,9 +154,11 @@ def quantize_checkpoint(
     def report(tensors: list[TensorReport]) -> QuantizeReport:
         return QuantizeReport(checkpoint.source, output_plan.path, scheme, fmt.name,
                               sorted(tensors, key=lambda tensor: tensor.name), dry_run,
-                              outputs.folder_report(output_plan, notes), target_bits)
+                              outputs.folder_report(output_plan), target_bits, notes,
+                              tuple(warnings))
 
     if dry_run:
+        outputs.check_destination(output_plan, checkpoint, force)
         return report([t for shard in checkpoint.shards for t in report_for(shard, {})])
 
     magnitudes = _global_magnitudes(checkpoint, plans, fmt, chunk_bytes, progress)
@@ -175,6 +181,29 @@ def quantize_checkpoint(
                                  [plan.entry for plan in every if not plan.quantized]))
         destination.publish()
     return report(tensors)
+
+
+def check_options(fmt: ModelFormat, scheme: Scheme, rules: Sequence[str] = (),
+                  target_sqnr: float | None = None, target_bits: float | None = None,
+                  tensor_parallel: int = 1) -> tuple[Rule, ...]:
+    """Refuse, before any input is read, options that cannot work together: a scheme (or
+    a rule's) that the format cannot store, a malformed rule, targets out of range,
+    tensor parallelism for a format no runtime splits. Returns the parsed rules.
+
+    Raises:
+        SchemeError: naming the option and why.
+    """
+    fmt.check_scheme(scheme)
+    parsed_rules = parse_rules(rules, scheme)
+    for rule in parsed_rules:
+        if rule.scheme is not None:
+            fmt.check_scheme(rule.scheme)
+    _check_targets(target_sqnr, target_bits)
+    if tensor_parallel != 1 and not fmt.tensor_parallel:
+        served = ", ".join(name for name, other in FORMATS.items() if other.tensor_parallel)
+        raise SchemeError(f"--tensor-parallel applies to the formats vLLM runs ({served}), "
+                          f"not to {fmt.name}")
+    return parsed_rules
 
 
 def _decided(plans: dict[str, list[TensorPlan]]) -> dict[str, Scheme | None]:
@@ -239,10 +268,16 @@ def _refuse_quantized(checkpoint: Checkpoint) -> None:
 
 
 def _refuse_nothing_to_do(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]],
-                          target_sqnr: float | None) -> None:
+                          target_sqnr: float | None, kept: KeptByFormat,
+                          fmt: ModelFormat) -> None:
     every = [plan for shard_plans in plans.values() for plan in shard_plans]
     if any(plan.quantized for plan in every):
         return
+    if kept.kept and len(kept.kept) == kept.selected:
+        raise InputError(
+            located(checkpoint.source, None, f"has no tensor {fmt.name} can store as asked: "
+                    f"{kept.reasons()}"),
+            hint=kept.advice)
     if target_sqnr is not None and every:
         raise InputError(
             located(checkpoint.source, None, f"no tensor reaches the target SQNR of "
@@ -285,7 +320,8 @@ def _quantize_shard(
     with ExitStack() as stack:
         reader = stack.enter_context(SafetensorsReader(shard.path))
         writer = stack.enter_context(SafetensorsWriter(
-            target, [tensor for plan in plans for tensor in plan.outputs], metadata))
+            target, [tensor for plan in plans for tensor in plan.outputs], metadata,
+            outputs.permissions(shard.path)))
         if reader.header != shard.header:
             raise InputError(located(shard.path, None, "input changed while reading"))
         hasher = StreamHasher(reader) if hash_source else None

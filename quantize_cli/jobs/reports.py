@@ -65,7 +65,6 @@ class FolderReport:
 
     carried_over: tuple[str, ...] = ()
     left_out: tuple[tuple[str, str], ...] = ()
-    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +77,8 @@ class QuantizeReport:
     dry_run: bool = False
     folder: FolderReport | None = None  # None: the output is one file
     target_bits: float | None = None
+    notes: tuple[str, ...] = ()  # what a user should know about the output
+    warnings: tuple[str, ...] = ()  # options that did nothing (an --exclude matching none)
 
     @property
     def quantized(self) -> list[TensorReport]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core import ErrorStats, Scheme
-from ..errors import InputError, SchemeError, located
+from ..errors import InputError, located
 from ..formats import Deployment, ModelFormat
 from ..storage.checkpoint import Checkpoint
 from ..storage.reader import SafetensorsReader
@@ -24,9 +24,6 @@ from .plan import TensorPlan
 from .reports import Progress
 from .tensor import quantized_chunks
 
-#: The granularities the targets try, from the fewest scales to the most.
-LADDER: tuple[tuple[str, int | None], ...] = (
-    ("tensor", None), ("channel", None), ("block", 128), ("block", 64), ("block", 32))
 #: The bits --target-bits chooses among.
 TARGET_BITS = (4, 8)
 
@@ -38,29 +35,6 @@ class Candidate:
     scheme: Scheme | None
     output_bytes: int
     stats: ErrorStats  # of the round trip; empty (exact) when kept
-
-
-def candidate_schemes(base: Scheme, fmt: ModelFormat, bit_widths: Sequence[int]) -> list[Scheme]:
-    """The schemes of :data:`LADDER` at each of ``bit_widths`` (``base``'s method) that
-    the format can store, cheapest first within each width.
-
-    >>> from quantize_cli.formats import format_named
-    >>> [s.describe() for s in candidate_schemes(Scheme(), format_named("mlx"), [4])]
-    ['int4 absmax block 128, mse clip', 'int4 absmax block 64, mse clip', \
-'int4 absmax block 32, mse clip']
-    """
-    schemes = []
-    for bits in bit_widths:
-        for granularity, block_size in LADDER:
-            scheme = base.varied(granularity=granularity,  # type: ignore[arg-type]
-                                 block_size=block_size, bits=bits)
-            try:
-                fmt.check_scheme(scheme)
-            except SchemeError:
-                continue
-            if scheme not in schemes:
-                schemes.append(scheme)
-    return schemes
 
 
 def measure(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]], schemes: Sequence[Scheme],

@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, InputError, located
-from .header import Header
+from .header import TO_SAFETENSORS, Header
 from .jsonfile import loads_strict
 from .reader import SafetensorsReader
 
 INDEX_NAME = "model.safetensors.index.json"
+#: Files of these kinds hold weights in formats qz does not read (PyTorch, TensorFlow,
+#: Flax, GGUF, ONNX, OpenVINO, Rust, NumPy, Paddle, NeMo, TFLite checkpoints).
+OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx",
+                         ".onnx_data", ".ot", ".npz", ".pdparams", ".nemo", ".tflite")
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
@@ -72,6 +76,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             return _open_sharded(source, indexes[0])
         if len(candidates) == 1:
             return _open_single(source, candidates[0])
+        others = sorted(entry.name for entry in source.iterdir()
+                        if entry.name.endswith(OTHER_WEIGHT_SUFFIXES))
+        if not candidates and others:
+            raise InputError(
+                located(source, None, f"holds weights only in formats qz does not read "
+                        f"({', '.join(others[:3])}{', …' if len(others) > 3 else ''}), no "
+                        ".safetensors file"), hint=TO_SAFETENSORS)
         raise InputError(
             located(source, None, f"folder holds no {INDEX_NAME} and "
                     f"{len(candidates)} .safetensors files"),

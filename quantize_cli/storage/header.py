@@ -87,7 +87,14 @@ def read_header_length(prefix: bytes, file_size: int, path: str | Path) -> int:
             hint="a safetensors file starts with an 8-byte header length",
         )
     (length,) = struct.unpack("<Q", prefix[:8])
-    if (length > MAX_HEADER_BYTES or 8 + length > file_size) and prefix[8:9] != b"{":
+    plausible = length <= MAX_HEADER_BYTES and 8 + length <= file_size
+    # A header length can start like a pickle (0x0280 bytes is b"\x80\x02"): another
+    # format only when the bytes cannot be a safetensors header.
+    known = None if plausible and prefix[8:9] == b"{" else other_format(prefix)
+    if known is not None:
+        what, hint = known
+        raise HeaderError(located(path, None, f"is {what}, not a safetensors file"), hint=hint)
+    if not plausible and prefix[8:9] != b"{":
         # Not a damaged safetensors file but something else (vocab.txt, a .bin, a pointer
         # file): say what it looks like rather than quote a nonsense header length.
         raise HeaderError(
@@ -128,6 +135,34 @@ def _looks_like(prefix: bytes) -> str:
     if all(char.isprintable() or char in "\n\r\t" for char in text):
         return f"the text {text!r}"
     return f"the bytes {start[:8].hex(' ')}"
+
+
+#: What to do with weights in a format qz does not read.
+TO_SAFETENSORS = ("qz reads safetensors: load the model with transformers and "
+                  "save_pretrained() it, which writes safetensors")
+#: Files of other weight formats by how they start: what they are, and what to do.
+OTHER_FORMATS: tuple[tuple[bytes, str, str], ...] = (
+    (b"PK\x03\x04", "a PyTorch checkpoint (a zip archive, as torch.save writes)", TO_SAFETENSORS),
+    *((b"\x80" + bytes([protocol]), "a PyTorch checkpoint (a Python pickle)", TO_SAFETENSORS)
+      for protocol in range(2, 6)),
+    (b"GGUF", "a GGUF file (llama.cpp's format)",
+     "qz reads safetensors, the checkpoints GGUF files are converted from; gguf-py reads "
+     "GGUF"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (a Keras or TensorFlow checkpoint)", TO_SAFETENSORS),
+)
+
+
+def other_format(prefix: bytes) -> tuple[str, str] | None:
+    """What a file that starts with ``prefix`` is, when it is weights in a format qz does
+    not read, and what to do instead.
+
+    >>> other_format(b"GGUF and what follows")[0]
+    "a GGUF file (llama.cpp's format)"
+    """
+    for magic, what, hint in OTHER_FORMATS:
+        if prefix.startswith(magic):
+            return what, hint
+    return None
 
 
 def _pointer_hint(prefix: bytes) -> str | None:

@@ -114,11 +114,13 @@ class SafetensorsWriter:
     ...     writer.publish()
 
     Leaving the ``with`` block without :meth:`publish` (an exception, Ctrl-C) removes the
-    temporary file and leaves the target untouched.
+    temporary file and leaves the target untouched. The file gets the permission bits
+    ``mode`` (those of the input it comes from), else those the umask allows.
     """
 
     def __init__(
-        self, target: Path, tensors: Iterable[PlannedTensor], metadata: dict[str, str]
+        self, target: Path, tensors: Iterable[PlannedTensor], metadata: dict[str, str],
+        mode: int | None = None,
     ) -> None:
         self.target = target
         self.tensors = data_order(tensors)
@@ -130,7 +132,7 @@ class SafetensorsWriter:
         self.file_size = len(self.header_bytes) + (offsets[-1][1] if offsets else 0)
         self._fd = -1
         self._temp_path: Path | None = None
-        self._mode = 0o666 & ~_umask()
+        self._mode = 0o666 & ~_umask() if mode is None else mode
         self._unsynced = 0
         self._behind: _WriteBehind | None = None
         self._syncing = threading.Lock()  # held while a background flush runs
@@ -336,15 +338,16 @@ class StagedFolder:
     ...     staging.publish()
     """
 
-    def __init__(self, target: Path, force: bool) -> None:
+    def __init__(self, target: Path, force: bool, mode: int | None = None) -> None:
         self.target = target
         self.force = force
+        self.mode = 0o777 & ~_umask() if mode is None else mode
         self.path = target  # replaced by the staging folder on entry
 
     def __enter__(self) -> StagedFolder:
         try:
             _create_beside(self.target, self._record_path, directory=True)
-            os.chmod(self.path, 0o777 & ~_umask())
+            os.chmod(self.path, self.mode)
         except BaseException:
             self.__exit__()
             raise
