@@ -39,8 +39,8 @@ from .params import Storage, absmax_scale, round_scale_up
 from .rows import RowResult
 from .scheme import Scheme
 from .stats import ErrorStats
-from .threads import map_tiles, tile_rows
-from .values import NonFiniteInTile, float32_tile
+from .threads import map_tiles, scratch, tile_rows
+from .values import NonFiniteInTile, check_fits, float32_tile
 
 #: NVFP4's global scale maps the tensor's largest magnitude to the largest E4M3 scale of
 #: the largest E2M1 value: g = 448 · 6 / max|W| (compressed-tensors' ``generate_gparam``).
@@ -263,7 +263,7 @@ def dequantize_float_rows(codes: np.ndarray, scale: np.ndarray, scheme: Scheme,
                           ) -> np.ndarray:
     """x̂ = q · s (FP8), q · (s / g) (NVFP4) or q · 2^(e − 127) (MX), computed in float32
     (exact for the microscaling types and for a float32, float16 or bfloat16 scale) and
-    converted once to ``dtype``.
+    converted once to ``dtype``, tile by tile on the thread pool.
 
     Raises:
         DtypeRangeError: a value does not fit ``dtype``.
@@ -271,11 +271,59 @@ def dequantize_float_rows(codes: np.ndarray, scale: np.ndarray, scheme: Scheme,
     if scheme.info.microscaling:
         step = decode_scale(scale, scheme, tensor_scale or 1.0)
     else:
-        step = scale.astype(np.float32)
-    values = codes.astype(np.float32) * expand_scale(step, scheme, codes.shape)
+        step = np.asarray(scale, dtype=np.float32)
     target = np.dtype(dtype)
-    with np.errstate(over="ignore"):
-        converted: np.ndarray = values.astype(target)
-    if not np.isfinite(converted.astype(np.float32)).all():
-        raise DtypeRangeError(f"values exceed the range of {target.name}")
-    return converted
+    out = np.empty(codes.shape, dtype=target)
+    rows, columns = codes.shape
+    if codes.size == 0:
+        return out
+    # Every code is one byte: its float32 value is looked up, 2-3× faster than
+    # ml_dtypes' conversion of E4M3 and E2M1.
+    table = np.arange(256, dtype=np.uint8).view(codes.dtype).astype(np.float32)
+    patterns = codes.view(np.uint8)
+    per_tile = tile_rows(columns)
+    if scheme.tiles:  # a tile of rows holds whole rows of scale tiles
+        size = scheme.block_size or 1
+        per_tile = -(-per_tile // size) * size
+
+    def work(tile: slice) -> None:
+        values = scratch(3, (tile.stop - tile.start, columns))
+        np.take(table, patterns[tile], out=values)
+        _scale_in_place(values, _tile_step(step, scheme, tile), scheme)
+        if target == np.float32:
+            if not np.isfinite(values).all():
+                raise DtypeRangeError("values exceed the range of float32")
+            out[tile] = values
+            return
+        check_fits(values, target)
+        np.copyto(out[tile], values, casting="unsafe")
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        map_tiles(work, rows, per_tile)
+    return out
+
+
+def _tile_step(step: np.ndarray, scheme: Scheme, tile: slice) -> np.ndarray:
+    """The steps of the rows of ``tile`` (one per row and group; per tensor, one)."""
+    if scheme.granularity == "tensor":
+        return step.reshape(1, 1)
+    if not scheme.tiles:
+        return step[tile]
+    size = scheme.block_size or 1
+    rows = np.repeat(step[tile.start // size: -(-tile.stop // size)], size, axis=0)
+    return rows[: tile.stop - tile.start]
+
+
+def _scale_in_place(values: np.ndarray, step: np.ndarray, scheme: Scheme) -> None:
+    """values ·= the step of each value's group, without expanding the steps to every
+    value (a row's last group may be shorter)."""
+    if scheme.granularity != "block":
+        values *= step
+        return
+    size = scheme.block_size or 1
+    rows, columns = values.shape
+    whole = columns // size
+    if whole:  # splitting the contiguous last axis is a view, even of a slice
+        values[:, : whole * size].reshape(rows, whole, size)[...] *= step[:, :whole, None]
+    if columns % size:
+        values[:, whole * size:] *= step[:, whole: whole + 1]

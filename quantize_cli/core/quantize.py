@@ -53,6 +53,7 @@ from .threads import map_tiles, scratch, tile_rows
 from .values import (
     FLOAT32_MAX,
     NonFiniteInTile,
+    check_fits,
     check_float,
     float32_tile,
     non_finite_error,
@@ -313,19 +314,11 @@ def dequantize_rows(rows: QuantizedRows, scheme: Scheme,
             else:
                 kernels.dequantize_view(code_view, view_scale, view_zero, out_view)
         if target != np.float32:
-            _check_fits(values, target)
+            check_fits(values, target)
             np.copyto(out[tile], values, casting="unsafe")
 
     map_tiles(work, codes.shape[0], tile_rows(codes.shape[1]))
     return out
-
-
-def _check_fits(values: np.ndarray, target: np.dtype) -> None:
-    # Conversion is monotonic, so the largest magnitude converts finitely iff all do.
-    largest = np.float32(max(values.max(), -values.min()))
-    with np.errstate(over="ignore"):
-        if not np.isfinite(np.asarray(largest).astype(target)):
-            raise DtypeRangeError(f"values exceed the range of {target.name}")
 
 
 # ---------------------------------------------------------------------- whole tensors

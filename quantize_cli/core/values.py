@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import NonFiniteValuesError, SchemeError
+from ..errors import DtypeRangeError, NonFiniteValuesError, SchemeError
 from .threads import scratch
 
 #: The smallest normal float32: the floor of every non-zero scale (DESIGN §1).
@@ -100,3 +100,18 @@ def find_non_finite(
 def non_finite_error(values: np.ndarray, name: str | None = None) -> NonFiniteValuesError:
     """The error for ``values`` holding NaN/±inf: count and first (N-D) index."""
     return NonFiniteValuesError.build(name, *find_non_finite([values], values.shape))
+
+
+def check_fits(values: np.ndarray, target: np.dtype) -> None:
+    """Refuse float32 ``values`` that do not all convert to ``target`` finitely: NaN, or
+    a magnitude beyond its range.
+
+    Raises:
+        DtypeRangeError: naming ``target``.
+    """
+    # Conversion is monotonic, so the largest magnitude converts finitely iff all do
+    # (and NaN makes the largest NaN).
+    largest = np.float32(max(values.max(), -values.min()))
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.isfinite(np.asarray(largest).astype(target)):
+            raise DtypeRangeError(f"values exceed the range of {target.name}")
