@@ -9,7 +9,9 @@ Writes, beside this script:
   bundled 8×8 digits data set, with the held-out evaluation images and labels;
 * tiny_llama_bf16.safetensors: a transformer-shaped BF16 checkpoint (random weights);
 * tiny_llama_sharded/: the same tensors split into two shards with an index, a
-  config.json and a tokenizer stand-in, as a Hugging Face model folder.
+  config.json and a tokenizer stand-in, as a Hugging Face model folder;
+* tiny_llama_fp8/: the same model as DeepSeek-V3 and the Qwen3 -FP8 releases ship
+  theirs: each projection in FP8 E4M3 with a weight_scale_inv per 128×128 block.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 SEED = 20261126
 
 DTYPE_CODES = {
+    np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3",
     np.dtype(np.float32): "F32",
     np.dtype(ml_dtypes.bfloat16): "BF16",
     np.dtype(np.uint8): "U8",
@@ -138,6 +141,44 @@ def make_tiny_llama() -> None:
     (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "stand-in"}}) + "\n")
 
 
+def fine_grained_fp8(weights: dict[str, np.ndarray], block: int = 128
+                     ) -> dict[str, np.ndarray]:
+    """Every ``*_proj.weight`` as DeepSeek's ``weight_quant`` stores it: per block of
+    ``block`` × ``block`` (partial at the edges), s = max|x| / 448, the E4M3 value of
+    x / s, and s as ``weight_scale_inv`` (float32); the other tensors as they are."""
+    tensors: dict[str, np.ndarray] = {}
+    for name, array in weights.items():
+        if not name.endswith("_proj.weight"):
+            tensors[name] = array
+            continue
+        values = array.astype(np.float32)
+        rows, columns = values.shape
+        scale = np.empty((-(-rows // block), -(-columns // block)), np.float32)
+        codes = np.empty(values.shape, ml_dtypes.float8_e4m3fn)
+        for i in range(scale.shape[0]):
+            for j in range(scale.shape[1]):
+                tile = (slice(i * block, (i + 1) * block), slice(j * block, (j + 1) * block))
+                scale[i, j] = np.abs(values[tile]).max() / np.float32(448)
+                codes[tile] = (values[tile] / scale[i, j]).astype(ml_dtypes.float8_e4m3fn)
+        tensors[name], tensors[name + "_scale_inv"] = codes, scale
+    return tensors
+
+
+def make_tiny_llama_fp8(block: int = 128) -> None:
+    tensors = fine_grained_fp8(tiny_llama_tensors(), block)
+    folder = HERE / "tiny_llama_fp8"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    save(folder / "model.safetensors", tensors, {"format": "pt"})
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 128,
+              "intermediate_size": 344, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "vocab_size": 256, "torch_dtype": "bfloat16", "model_type": "llama",
+              "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                      "fmt": "e4m3", "weight_block_size": [block, block]}}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 if __name__ == "__main__":
     make_digits_mlp()
     make_tiny_llama()
+    make_tiny_llama_fp8()

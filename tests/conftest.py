@@ -37,6 +37,7 @@ CODES = {
     np.dtype(np.uint32): "U32",
     np.dtype(np.int64): "I64",
     np.dtype(np.bool_): "BOOL",
+    np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3",
 }
 
 

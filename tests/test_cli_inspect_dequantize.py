@@ -107,7 +107,7 @@ def test_dequantize_unknown_dtype_is_a_usage_error(runner: CliRunner, quantized:
 def test_dequantize_refuses_a_plain_file(runner: CliRunner, small_model: Path) -> None:
     stderr = run_fail(runner, 1, "dequantize", str(small_model))
     assert stderr == (f"Error: {small_model}: not a quantized checkpoint: no file is in a "
-                      "format qz reads (qz, compressed-tensors, mlx)\n")
+                      "format qz reads (qz, compressed-tensors, mlx, fp8, mxfp4)\n")
 
 
 def test_dequantize_refuses_float16_overflow(runner: CliRunner, tmp_path: Path) -> None:

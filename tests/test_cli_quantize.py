@@ -152,12 +152,28 @@ def test_output_may_not_be_the_input(runner: CliRunner, small_model: Path) -> No
     assert sha256(small_model) == before
 
 
-def test_already_quantized_input_is_refused(runner: CliRunner, small_model: Path) -> None:
+def test_a_quantized_input_is_quantized_again_from_its_values(runner: CliRunner,
+                                                               small_model: Path) -> None:
     run_ok(runner, "quantize", str(small_model), "-q")
-    stderr = run_fail(runner, 1, "quantize", str(small_model.with_name("model.int8.safetensors")),
-                      "-o", str(small_model.with_name("again.safetensors")))
-    assert "is already quantized (qz format, version 1)" in stderr
-    assert "Hint: run qz dequantize first" in stderr
+    int8 = small_model.with_name("model.int8.safetensors")
+    # Its default output name is its own: refused, not overwritten.
+    stderr = run_fail(runner, 1, "quantize", str(int8))
+    assert stderr == (f"Error: {int8}: output would overwrite the input\n"
+                      "Hint: choose another path with -o\n")
+    report = json.loads(run_ok(runner, "quantize", str(int8), "--bits", "4", "--json", "-"))
+    assert report["output"] == str(small_model.with_name("model.int4.safetensors"))
+    assert report["notes"] == [
+        "the input is quantized (qz: INT8 absmax block 128): its 3 quantized weights were "
+        "read as the values they stand for, and errors are measured against those values"]
+    # The error is the INT4 error of the INT8 values, which qz diff measures too.
+    restored = small_model.with_name("int8.safetensors")
+    run_ok(runner, "dequantize", str(int8), "-o", str(restored), "--dtype", "float32", "-q")
+    compared = json.loads(run_ok(runner, "diff", str(restored),
+                                 str(small_model.with_name("model.int4.safetensors")),
+                                 "--json"))
+    theirs = {t["name"]: t["stats"]["sqnr_db"] for t in compared["tensors"]}
+    ours = {t["name"]: t["stats"]["sqnr_db"] for t in report["tensors"] if t["stats"]}
+    assert ours == pytest.approx({name: theirs[name] for name in ours}, abs=0.05)
 
 
 def test_nan_is_refused_and_nothing_is_written(runner: CliRunner, tmp_path: Path) -> None:

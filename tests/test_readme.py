@@ -91,7 +91,7 @@ def test_every_readme_command_runs_as_written_and_prints_what_it_shows(tmp_path:
     samples.mkdir()
     for source in (ROOT / "sample_weights").iterdir():
         original = source.suffix in (".py", ".safetensors") and source.name.count(".") == 1
-        if original or source.name in ("tiny_llama_sharded", "README.md"):
+        if original or source.name in ("tiny_llama_sharded", "tiny_llama_fp8", "README.md"):
             copy = shutil.copytree if source.is_dir() else shutil.copy2
             copy(source, samples / source.name)
     env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}

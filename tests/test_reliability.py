@@ -374,11 +374,13 @@ def test_E44_to_E50_kinds_pass_through_or_quantize(runner: CliRunner, tmp_path: 
 
 
 def test_E51_already_quantized(runner: CliRunner, tmp_path: Path) -> None:
+    # A quantized input is read as its values (DESIGN amendment 41); its default output
+    # name is its own, which is refused, never overwritten.
     _, output = quantize_ok(runner, tmp_path, {})
     os.remove(tmp_path / "m.safetensors")
     stderr = assert_refused(runner, tmp_path, ["quantize", str(output)], 1,
-                            "is already quantized (qz format, version 1)")
-    assert "Hint: run qz dequantize first" in stderr
+                            "output would overwrite the input")
+    assert "Hint: choose another path with -o" in stderr
 
 
 # -------------------------------------------------- F: schemes the contract accepts

@@ -19,7 +19,9 @@ from ..jobs.reports import (
 
 #: Version of the JSON documents the commands print. 2: ``format`` on quantize and
 #: inspect, tensor roles "codes"/"scale"/"zero_point"/"shape", exact comparisons in diff.
-#: 3: quantize's ``notes`` (once ``folder.notes``) and ``warnings`` at the top level.
+#: 3: quantize's ``notes`` (once ``folder.notes``) and ``warnings`` at the top level;
+#: inspect's ``refused`` (a quantization qz does not read); roles "activation_scale" and
+#: "group_index".
 JSON_SCHEMA_VERSION = 3
 
 
@@ -111,6 +113,7 @@ def inspect_json(report: InspectReport) -> dict[str, Any]:
         "files": [{"name": name, "bytes": size} for name, size in report.shards],
         "format": report.format,
         "format_version": report.format_version,
+        "refused": report.refused,
         "metadata": report.metadata,
         "tensors": [
             {

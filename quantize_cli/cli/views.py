@@ -168,7 +168,9 @@ def inspect_table(report: InspectReport, width: int) -> Group:
             column.cells.append(cell)
     table = fitted_table(columns, width)
     described = "not quantized"
-    if report.format is not None:
+    if report.refused is not None:
+        described = f"{display_text(report.refused)}, which qz does not read"
+    elif report.format is not None:
         version = f" {report.format_version}" if report.format_version else ""
         described = f"{report.format} format{version}, {len(report.quantized)} quantized tensors"
     lines: list[Any] = [Text(display_text(str(report.source)), style="bold"), table, Text(

@@ -272,6 +272,17 @@ activations=None)
         text = f", {self.clip} clip" if self.clip != "none" else ""
         return text + (f", {self.activations} activations" if self.activations else "")
 
+    def shape_problem(self, shape: tuple[int, ...]) -> str | None:
+        """Why a tensor of ``shape`` cannot be quantized with this scheme (None: it can).
+
+        >>> Scheme("fp8", "block", 128).shape_problem((8, 256, 512))
+        'kept: 128×128 blocks need a 2-D tensor, not a 3-D one'
+        """
+        if self.tiles and len(shape) != 2:
+            return (f"kept: {self.block_size}×{self.block_size} blocks need a 2-D tensor, "
+                    f"not a {len(shape)}-D one")
+        return None
+
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the scale (and zero point) for a tensor of ``shape`` (DESIGN §2)."""
         if self.granularity == "tensor":

@@ -1,8 +1,10 @@
 """The on-disk formats qz writes and reads, one module each (qz.py,
-compressed_tensors.py, mlx.py) behind the interface of ``base.py``, each listing the
-layouts (``layouts/``) it stores weights in. This registry is the one place that knows
-them by name: ``--format`` picks a format, reading detects one from a file's header,
-``--scheme`` names a preset, and default output names get (and lose) their suffix here.
+compressed_tensors.py, mlx.py; fine_grained_fp8.py and gpt_oss.py, which qz only reads)
+behind the interface of ``base.py``, each listing the layouts (``layouts/``) it stores
+weights in; refused.py names the quantizations qz does not read. This registry is the one
+place that knows them by name: ``--format`` picks a format, reading detects one from a
+file's header, ``--scheme`` names a preset, and default output names get (and lose) their
+suffix here.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from ..errors import SchemeError
 from ..storage.header import Header
 from .base import Deployment, ModelFormat, QuantizedWeight
 from .compressed_tensors import CompressedTensors
+from .fine_grained_fp8 import FineGrainedFp8
+from .gpt_oss import GptOssMxfp4
 from .layout import Layout, Role, StoredTensor, StoredWeight
 from .mlx import MlxFormat
 from .presets import PRESETS, preset, preset_of
 from .qz import QzFormat
+from .refused import Refused, declared_method, refused
 
 #: Every format, by name; the first is the default, and detection tries them in order
 #: (qz first: its metadata decides, while its tensors alone could pass for int-quantized
@@ -27,6 +32,10 @@ from .qz import QzFormat
 FORMATS: dict[str, ModelFormat] = {fmt.name: fmt
                                    for fmt in (QzFormat(), CompressedTensors(), MlxFormat())}
 DEFAULT_FORMAT = next(iter(FORMATS))
+#: Every format qz reads: those it writes, then other tools' (their names are the
+#: ``quant_method`` config.json gives them, as ``compressed-tensors`` and ``qz`` are).
+READERS: dict[str, ModelFormat] = {**FORMATS, **{
+    fmt.name: fmt for fmt in (FineGrainedFp8(), GptOssMxfp4())}}
 #: What default output names of dequantized checkpoints end with.
 DEQUANTIZED_SUFFIX = "dequant"
 
@@ -44,8 +53,9 @@ def format_named(name: str) -> ModelFormat:
 
 
 def detect(header: Header) -> ModelFormat | None:
-    """The format a file's header says it is in; None for a plain float file."""
-    return next((fmt for fmt in FORMATS.values() if fmt.recognises(header)), None)
+    """The format a file's header says it is in (any format qz reads); None for a plain
+    float file."""
+    return next((fmt for fmt in READERS.values() if fmt.recognises(header)), None)
 
 
 def scheme_for(fmt: ModelFormat, *, preset_name: str | None = None,
@@ -136,6 +146,7 @@ def strip_suffix(stem: str) -> str:
         stem = shorter
 
 
-__all__ = ["DEFAULT_FORMAT", "DEQUANTIZED_SUFFIX", "FORMATS", "PRESETS", "Deployment",
-           "Layout", "ModelFormat", "QuantizedWeight", "Role", "StoredTensor", "StoredWeight",
-           "detect", "format_named", "output_suffix", "scheme_for", "strip_suffix"]
+__all__ = ["DEFAULT_FORMAT", "DEQUANTIZED_SUFFIX", "FORMATS", "PRESETS", "READERS",
+           "Deployment", "Layout", "ModelFormat", "QuantizedWeight", "Refused", "Role",
+           "StoredTensor", "StoredWeight", "declared_method", "detect", "format_named",
+           "output_suffix", "refused", "scheme_for", "strip_suffix"]

@@ -20,7 +20,7 @@ from ..core import Scheme
 from ..errors import SchemeError
 from ..storage.header import Header, TensorEntry
 from ..storage.reader import SafetensorsReader
-from .layout import Layout, StoredTensor, StoredWeight
+from .layout import Layout, StoredLayout, StoredTensor, StoredWeight
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,10 @@ class ModelFormat(ABC):
     prefix: ClassVar[str]
     #: The layouts this format holds, tried in order for a scheme.
     layouts: ClassVar[tuple[Layout, ...]]
+    #: Layouts of this format that qz reads but does not write.
+    read_only_layouts: ClassVar[tuple[StoredLayout, ...]] = ()
+    #: Whether qz writes this format (``--format``), or only reads it.
+    writes: ClassVar[bool] = True
     #: What it stores, in words, for refusals.
     supported: ClassVar[str]
     #: The scheme when none is asked for.
@@ -155,7 +159,7 @@ class ModelFormat(ABC):
         """
         found = []
         for entry in reader.header.tensors:
-            for layout in self.layouts:
+            for layout in (*self.layouts, *self.read_only_layouts):
                 weight = layout.match(reader, entry, config)
                 if weight is not None:
                     found.append(weight)

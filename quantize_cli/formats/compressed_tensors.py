@@ -18,16 +18,27 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from ..core import Scheme
-from ..errors import SchemeError
+from ..errors import QuantizedFormatError, SchemeError, located
 from ..storage.header import Header, TensorEntry
+from ..storage.reader import SafetensorsReader
 from .base import Deployment, ModelFormat, QuantizedWeight
+from .layout import StoredWeight
 from .layouts.fp8 import CtFloat
 from .layouts.integers import CtInt, CtPacked
 from .layouts.microscaling import CtMxfp4, CtMxfp8, CtNvfp4
-from .layouts.names import CT_PACKED, CT_SCALE, module_of
+from .layouts.names import (
+    CT_GROUP_INDEX,
+    CT_PACKED,
+    CT_SCALE,
+    activation_tensors,
+    module_of,
+)
 from .presets import preset_of
 
 #: vLLM's weight-only kernel (Marlin, for integer, FP8 and FP4 weights) needs these
@@ -170,6 +181,25 @@ class CompressedTensors(ModelFormat):
 
     # ------------------------------------------------------------------------ reading
 
+    def find(self, reader: SafetensorsReader,
+             config: dict[str, Any] | None) -> list[StoredWeight]:
+        """The weights every layout finds, each with the tensors of its layer that a
+        float model does not have: the activations' static scales (``input_scale`` of
+        FP8, ``input_global_scale`` of NVFP4, …) and a group index that only restates
+        the groups. A group index that reorders them (GPTQ's activation order) is
+        refused: compressed-tensors no longer reads it, so no reference would say what
+        the weight is."""
+        header = reader.header
+        found = []
+        for weight in super().find(reader, config):
+            extra = activation_tensors(header, weight)
+            group_index = weight.name + CT_GROUP_INDEX
+            if group_index in header:
+                _check_group_index(reader, weight, group_index)
+                extra += ((group_index, "group_index"),)
+            found.append(replace(weight, tensors=weight.tensors + extra))
+        return found
+
     def recognises(self, header: Header) -> bool:
         for entry in header.tensors:
             if not entry.name.endswith(".weight" + CT_SCALE):
@@ -180,6 +210,21 @@ class CompressedTensors(ModelFormat):
             if codes is not None and codes.dtype in ("I8", "I32", "U8", "F8_E4M3"):
                 return True
         return False
+
+
+def _check_group_index(reader: SafetensorsReader, weight: StoredWeight, name: str) -> None:
+    """Refuse a group index that is not the plain one (column j in group j // size)."""
+    entry = reader.header[name]
+    columns = weight.shape[-1]
+    size = weight.scheme.block_size or columns
+    plain = entry.dtype in ("I32", "I64") and entry.shape == (columns,) and np.array_equal(
+        reader.read_tensor(entry), np.arange(columns) // size)
+    if not plain:
+        raise QuantizedFormatError(located(
+            reader.path, name, "reorders the weight's groups (GPTQ's activation order), "
+                               "which qz does not read"),
+            hint="start from the model's float release, or an export without activation "
+                 "order")
 
 
 def _is_embedding(module: str) -> bool:

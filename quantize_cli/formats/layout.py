@@ -28,7 +28,8 @@ from ..storage.reader import SafetensorsReader
 from ..storage.writer import PlannedTensor
 
 #: What a stored tensor is to its quantized weight.
-Role = Literal["codes", "scale", "zero_point", "bias", "shape", "global_scale"]
+Role = Literal["codes", "scale", "zero_point", "bias", "shape", "global_scale",
+               "activation_scale", "group_index"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class StoredWeight:
     format: str
     tensors: tuple[tuple[str, Role], ...]
     description: str  # how it is stored, for people: "INT8 absmax block 128"
-    layout: Layout
+    layout: StoredLayout
 
     def tensor(self, role: Role) -> str | None:
         """The stored tensor with ``role``, if the weight has one."""
@@ -73,7 +74,7 @@ class StoredWeight:
     @property
     def row_multiple(self) -> int:
         """Reads of the weight's rows start at multiples of this many rows."""
-        return self.layout.row_multiple(self.scheme)
+        return self.layout.weight_row_multiple(self)
 
     def read_rows(self, reader: SafetensorsReader, start: int, stop: int) -> QuantizedRows:
         """The stored rows [start, stop) of the row view (I/O only)."""
@@ -88,20 +89,16 @@ class StoredWeight:
             DtypeRangeError: a value does not fit ``dtype``.
         """
         self.layout.check_rows(self, rows, path)
-        return dequantize_rows(rows, self.scheme, dtype)
+        return self.layout.arrange(self, dequantize_rows(rows, self.scheme, dtype))
 
 
-class Layout(ABC):
-    """One way of storing a quantized weight. Subclasses are listed by the model formats
-    that hold them; a layout never decides what a model format does with config.json,
-    names of outputs or deployment."""
+class StoredLayout(ABC):
+    """One way a quantized weight is stored, as far as reading it goes: how it is
+    recognised in a header and how its rows are read back. Layouts qz also writes are
+    :class:`Layout`; some it only reads (other tools' checkpoints)."""
 
     #: What the format calls it (compressed-tensors' ``format``, MLX's ``mode``, …).
     name: ClassVar[str]
-
-    @abstractmethod
-    def refusal(self, scheme: Scheme) -> str | None:
-        """Why this layout cannot store ``scheme`` (None: it can)."""
 
     def storage(self, dtype: str, scheme: Scheme) -> Storage:
         """What this layout keeps of a group's parameters, for a weight of ``dtype``."""
@@ -110,6 +107,59 @@ class Layout(ABC):
     def row_multiple(self, scheme: Scheme) -> int:
         """Row chunks of a weight must hold a multiple of this many rows."""
         return scheme.row_multiple
+
+    def weight_row_multiple(self, weight: StoredWeight) -> int:
+        """Reads of a stored weight's rows start at multiples of this many rows."""
+        return self.row_multiple(weight.scheme)
+
+    def arrange(self, weight: StoredWeight, values: np.ndarray) -> np.ndarray:
+        """Dequantized stored rows as rows of the weight's row view (the same, unless
+        the layout stores the weight transposed)."""
+        return values
+
+    @abstractmethod
+    def read_rows(self, reader: SafetensorsReader, weight: StoredWeight, start: int,
+                  stop: int) -> QuantizedRows:
+        """The stored data of rows [start, stop) of ``weight``'s row view (I/O only)."""
+
+    def check_rows(self, weight: StoredWeight, rows: QuantizedRows, path: Path) -> None:
+        """Refuse stored numbers qz could never have written (NaN codes, non-finite or,
+        unless the layout allows them, negative scales; non-finite zero points and
+        offsets) rather than return wrong values."""
+        if rows.codes.dtype.name == "float8_e4m3fn" and bool(
+                ((rows.codes.view(np.uint8) & 0x7F) == 0x7F).any()):  # E4M3's NaN patterns
+            raise QuantizedFormatError(located(path, weight.codes, "holds NaN codes"))
+        negative = self.storage(weight.dtype, weight.scheme).negative_scales
+        scale = rows.scale.astype(np.float32)
+        if not (np.isfinite(scale).all() and (negative or (scale >= 0).all())):
+            raise QuantizedFormatError(located(path, weight.tensor("scale"),
+                                               "holds non-finite or negative scales"))
+        for role, values in (("zero_point", rows.zero_point), ("bias", rows.bias)):
+            if values is not None and not np.isfinite(values.astype(np.float32)).all():
+                raise QuantizedFormatError(located(path, weight.tensor(role),  # type: ignore[arg-type]
+                                                   f"holds non-finite {role.replace('_', ' ')}s"))
+
+    def match(self, reader: SafetensorsReader, entry: TensorEntry,
+              config: dict[str, Any] | None) -> StoredWeight | None:
+        """The weight whose codes ``entry`` is, when it is stored this way (for formats
+        whose weights are recognised by their tensors; qz's own are listed in its
+        metadata), from the header and the tiny tensors that describe a weight (a
+        packed weight's shape). None: it is not.
+
+        Raises:
+            QuantizedFormatError: it is, but breaks the layout.
+        """
+        return None
+
+
+class Layout(StoredLayout):
+    """A way of storing a quantized weight that qz writes too. Subclasses are listed by
+    the model formats that hold them; a layout never decides what a model format does
+    with config.json, names of outputs or deployment."""
+
+    @abstractmethod
+    def refusal(self, scheme: Scheme) -> str | None:
+        """Why this layout cannot store ``scheme`` (None: it can)."""
 
     @abstractmethod
     def stored_tensors(self, entry: TensorEntry, scheme: Scheme) -> list[StoredTensor]:
@@ -145,37 +195,6 @@ class Layout(ABC):
         low, high = result.code_bounds or (int(result.codes.min()), int(result.codes.max()))
         lowest, highest = storage.code_range(scheme)
         return scales_valid and low >= lowest and high <= highest
-
-    @abstractmethod
-    def read_rows(self, reader: SafetensorsReader, weight: StoredWeight, start: int,
-                  stop: int) -> QuantizedRows:
-        """The stored data of rows [start, stop) of ``weight``'s row view (I/O only)."""
-
-    def check_rows(self, weight: StoredWeight, rows: QuantizedRows, path: Path) -> None:
-        """Refuse stored numbers qz could never have written (non-finite or, unless the
-        layout allows them, negative scales; non-finite zero points and offsets) rather
-        than return wrong values."""
-        negative = self.storage(weight.dtype, weight.scheme).negative_scales
-        scale = rows.scale.astype(np.float32)
-        if not (np.isfinite(scale).all() and (negative or (scale >= 0).all())):
-            raise QuantizedFormatError(located(path, weight.tensor("scale"),
-                                               "holds non-finite or negative scales"))
-        for role, values in (("zero_point", rows.zero_point), ("bias", rows.bias)):
-            if values is not None and not np.isfinite(values.astype(np.float32)).all():
-                raise QuantizedFormatError(located(path, weight.tensor(role),  # type: ignore[arg-type]
-                                                   f"holds non-finite {role.replace('_', ' ')}s"))
-
-    def match(self, reader: SafetensorsReader, entry: TensorEntry,
-              config: dict[str, Any] | None) -> StoredWeight | None:
-        """The weight whose codes ``entry`` is, when it is stored this way (for formats
-        whose weights are recognised by their tensors; qz's own are listed in its
-        metadata), from the header and the tiny tensors that describe a weight (a
-        packed weight's shape). None: it is not.
-
-        Raises:
-            QuantizedFormatError: it is, but breaks the layout.
-        """
-        return None
 
 
 class ScaledCodes(Layout):

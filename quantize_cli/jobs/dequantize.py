@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DtypeRangeError, OutputError, QuantizedFormatError, located
-from ..formats import DEQUANTIZED_SUFFIX, FORMATS, ModelFormat, StoredWeight, detect
-from ..storage.checkpoint import Shard, open_checkpoint
+from ..formats import DEQUANTIZED_SUFFIX, READERS, StoredWeight
 from ..storage.dtypes import OUTPUT_DTYPES, numpy_dtype
 from ..storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader, row_ranges
 from ..storage.stream import ReadAhead
 from ..storage.writer import PlannedTensor, SafetensorsWriter
 from . import outputs
-from .provenance import restored_from, without_qz_keys
+from .provenance import restored_from
 from .reports import DequantizedTensor, DequantizeReport, NoProgress, Progress
+from .source import SourceShard, open_source
 
 
 def dequantize_checkpoint(
@@ -30,10 +30,11 @@ def dequantize_checkpoint(
     progress: Progress | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> DequantizeReport:
-    """Turn a quantized checkpoint (qz or compressed-tensors) back into a float one with
+    """Turn a quantized checkpoint, in any format qz reads, back into a float one with
     the original tensor names, shapes and dtypes (or ``dtype``: float32, float16 or
     bfloat16 for every restored tensor). compressed-tensors weights are restored to the
-    dtype of their scales, as compressed-tensors itself does.
+    dtype of their scales, as compressed-tensors itself does; fine-grained FP8 and
+    gpt-oss's MXFP4 to the model's dtype (BF16), as transformers does.
 
     >>> dequantize_checkpoint("model.int8.safetensors").output   # doctest: +SKIP
     PosixPath('model.dequant.safetensors')
@@ -46,30 +47,23 @@ def dequantize_checkpoint(
     if dtype != "original" and dtype not in OUTPUT_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}")
     progress = progress or NoProgress()
-    checkpoint = open_checkpoint(source)
+    opened = open_source(source)
+    checkpoint = opened.checkpoint
     output_plan = outputs.plan_output(checkpoint, output, DEQUANTIZED_SUFFIX, folder_format=False)
-    config = outputs.model_config(checkpoint)
-    found: dict[str, tuple[ModelFormat | None, dict[str, StoredWeight]]] = {}
-    for shard in checkpoint.shards:
-        fmt = detect(shard.header)
-        with SafetensorsReader(shard.path) as reader:
-            weights = fmt.find(reader, config) if fmt is not None else []
-        found[shard.path.name] = (fmt, {weight.codes: weight for weight in weights})
-    formats = [fmt for fmt, _ in found.values() if fmt is not None]
-    if not formats:
+    if not opened.quantized:
         raise QuantizedFormatError(located(
             checkpoint.source, None, "not a quantized checkpoint: no file is in a format "
-            f"qz reads ({', '.join(FORMATS)})"))
+            f"qz reads ({', '.join(READERS)})"))
     tensors: list[DequantizedTensor] = []
     output_bytes = 0
     progress.start(checkpoint.data_bytes, "dequantizing")
     with outputs.Destination(output_plan, checkpoint, force) as destination:
         shard_tensors = {}
-        for shard in checkpoint.shards:
-            fmt, by_codes = found[shard.path.name]
-            planned, restored = _plan_shard(shard, by_codes, dtype)
+        for source_shard in opened.shards:
+            shard = source_shard.shard
+            planned, restored = _plan_shard(source_shard, dtype)
             shard_target = destination.path_for(shard)
-            _dequantize_shard(shard, fmt, planned, restored, shard_target, progress,
+            _dequantize_shard(source_shard, planned, restored, shard_target, progress,
                               chunk_bytes)
             shard_tensors[shard.path.name] = planned
             output_bytes += shard_target.stat().st_size
@@ -77,9 +71,9 @@ def dequantize_checkpoint(
                                           restored[t.name].scheme if t.name in restored
                                           else None) for t in planned]
         if output_plan.folder:
+            config = opened.float_config()
             outputs.finish_folder(destination, checkpoint, shard_tensors,
-                                  None if config is None
-                                  else _float_config(formats[0].float_config(config), dtype))
+                                  None if config is None else _float_config(config, dtype))
         destination.publish()
     return DequantizeReport(checkpoint.source, output_plan.path, tensors, output_bytes,
                             outputs.folder_report(output_plan))
@@ -94,32 +88,30 @@ def _float_config(config: dict[str, Any], dtype: str) -> dict[str, Any]:
             for key, value in config.items()}
 
 
-def _plan_shard(shard: Shard, weights: dict[str, StoredWeight],
+def _plan_shard(shard: SourceShard,
                 dtype: str) -> tuple[list[PlannedTensor], dict[str, StoredWeight]]:
     """The shard's output tensors (restored weights where their codes were, everything
     that is not part of a quantized weight as it is), and the restored weights by name."""
-    stored = {name for weight in weights.values() for name, _ in weight.tensors}
     planned, restored = [], {}
-    for tensor in shard.header.tensors:
-        weight = weights.get(tensor.name)
+    for tensor in shard.entries():
+        weight = shard.weight(tensor.name)
         if weight is not None:
             out_dtype = weight.dtype if dtype == "original" else OUTPUT_DTYPES[dtype]
             planned.append(PlannedTensor(weight.name, out_dtype, weight.shape))
             restored[weight.name] = weight
-        elif tensor.name not in stored:
+        else:
             planned.append(PlannedTensor(tensor.name, tensor.dtype, tensor.shape))
     return planned, restored
 
 
-def _dequantize_shard(shard: Shard, fmt: ModelFormat | None, planned: list[PlannedTensor],
+def _dequantize_shard(source_shard: SourceShard, planned: list[PlannedTensor],
                       restored: dict[str, StoredWeight], target: Path, progress: Progress,
                       chunk_bytes: int) -> None:
+    shard = source_shard.shard
     header = shard.header
     with ExitStack() as stack:
         reader = stack.enter_context(SafetensorsReader(shard.path))
-        metadata = without_qz_keys(header.metadata)
-        if fmt is not None:
-            metadata = fmt.float_metadata(metadata)
+        metadata = source_shard.float_metadata()
         metadata.update(restored_from(shard.path.name))
         writer = stack.enter_context(SafetensorsWriter(target, planned, metadata,
                                                        outputs.permissions(shard.path)))

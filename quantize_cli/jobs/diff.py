@@ -27,13 +27,12 @@ from ..errors import (
     QuantizedFormatError,
     located,
 )
-from ..formats import StoredWeight, detect
-from ..storage.checkpoint import Checkpoint, open_checkpoint
+from ..formats import StoredWeight
 from ..storage.dtypes import DTYPE_BITS, FLOAT_DTYPES, INTEGER_DTYPES, numpy_dtype
 from ..storage.header import TensorEntry
 from ..storage.reader import SafetensorsReader, row_ranges
-from .outputs import model_config
 from .reports import DiffReport, ExactComparison, NoProgress, Progress, TensorDifference
+from .source import Source, open_source
 
 #: Bytes of float32 values per side and chunk.
 CHUNK_BYTES = 32 * 1024 * 1024
@@ -65,9 +64,13 @@ class LogicalTensor:
 
     @property
     def multiple(self) -> int:
-        """Chunks must hold a multiple of this many slices (rows of tiles, packed zero
-        points: only 2-D weights have them, where a slice is a row)."""
-        return 1 if self.weight is None else self.weight.row_multiple
+        """Chunks must hold a multiple of this many slices: of as many as the rows a
+        stored weight reads together (rows of tiles, packed zero points, an expert of
+        gpt-oss) take."""
+        if self.weight is None or not self.slices:
+            return 1
+        rows_per_slice = self.weight.row_view[0] // self.slices
+        return -(-self.weight.row_multiple // max(rows_per_slice, 1))
 
     @property
     def slices(self) -> int:
@@ -75,24 +78,20 @@ class LogicalTensor:
         return self.shape[0] if len(self.shape) >= 2 else 1
 
 
-def logical_tensors(checkpoint: Checkpoint,
+def logical_tensors(source: Source,
                     reader_for: Callable[[Path], SafetensorsReader]) -> dict[str, LogicalTensor]:
     """The tensors of a checkpoint as the model sees them: the companions of a quantized
     weight (scales, zero points, …) are folded into it."""
     tensors = {}
-    config = model_config(checkpoint)
-    for shard in checkpoint.shards:
+    for shard in source.shards:
         reader = reader_for(shard.path)
-        fmt = detect(shard.header)
-        weights = fmt.find(reader, config) if fmt is not None else []
-        by_codes = {weight.codes: weight for weight in weights}
-        stored = {name for weight in weights for name, _ in weight.tensors}
-        for entry in shard.header.tensors:
-            weight = by_codes.get(entry.name)
+        for entry in shard.entries():
+            weight = shard.weight(entry.name)
             if weight is not None:
                 tensors[weight.name] = LogicalTensor(weight.name, weight.shape, weight.dtype,
-                                                     reader, entry, weight)
-            elif entry.name not in stored:
+                                                     reader, reader.header[weight.codes],
+                                                     weight)
+            else:
                 tensors[entry.name] = LogicalTensor(entry.name, entry.shape, entry.dtype,
                                                     reader, entry)
     return tensors
@@ -110,7 +109,7 @@ def diff_checkpoints(a: str | Path, b: str | Path, chunk_bytes: int = CHUNK_BYTE
     Raises:
         QzError: either checkpoint is invalid, or a compared tensor holds NaN or ±inf.
     """
-    left, right = open_checkpoint(a), open_checkpoint(b)
+    left, right = open_source(a), open_source(b)
     with ExitStack() as stack:
         readers: dict[Path, SafetensorsReader] = {}
 
@@ -121,13 +120,14 @@ def diff_checkpoints(a: str | Path, b: str | Path, chunk_bytes: int = CHUNK_BYTE
 
         left_tensors = logical_tensors(left, reader_for)
         right_tensors = logical_tensors(right, reader_for)
-        report = DiffReport(left.source, right.source, [],
+        report = DiffReport(left.checkpoint.source, right.checkpoint.source, [],
                             only_in_a=sorted(set(left_tensors) - set(right_tensors)),
                             only_in_b=sorted(set(right_tensors) - set(left_tensors)))
         common = sorted(set(left_tensors) & set(right_tensors))
         if not common:
-            raise InputError(located(right.source, None, f"has no tensor in common with "
-                                     f"{left.source}: there is nothing to compare"),
+            raise InputError(located(right.checkpoint.source, None, f"has no tensor in "
+                                     f"common with {left.checkpoint.source}: there is "
+                                     "nothing to compare"),
                              hint="qz inspect lists each side's tensor names")
         progress = progress or NoProgress()
         progress.start(sum(left_tensors[name].stored_bytes + right_tensors[name].stored_bytes

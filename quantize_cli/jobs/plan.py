@@ -137,7 +137,8 @@ def plan_tensor(entry: TensorEntry, scheme: Scheme, fmt: ModelFormat,
     if rule is not None:
         chosen, reason = rule.scheme is not None, f"--rule {rule.text}"
         scheme = rule.scheme or scheme
-    kept = fmt.keep_reason(entry, scheme, deployment) if chosen else None
+    kept = (scheme.shape_problem(entry.shape) or fmt.keep_reason(entry, scheme, deployment)
+            if chosen else None)
     if kept is not None:
         chosen, reason = False, kept
     chosen_scheme = scheme if chosen else None
@@ -261,9 +262,9 @@ def candidate_schemes(base: Scheme, fmt: ModelFormat, bit_widths: Sequence[int])
     schemes = []
     for bits in bit_widths:
         for granularity, block_size in LADDER:
-            scheme = base.varied(granularity=granularity,  # type: ignore[arg-type]
-                                 block_size=block_size, bits=bits)
-            try:
+            try:  # a width the method has not (FP8 at 4 bits), a format's refusal
+                scheme = base.varied(granularity=granularity,  # type: ignore[arg-type]
+                                     block_size=block_size, bits=bits)
                 fmt.check_scheme(scheme)
             except SchemeError:
                 continue

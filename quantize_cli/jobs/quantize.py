@@ -20,13 +20,12 @@ from ..formats import (
     Deployment,
     Layout,
     ModelFormat,
-    detect,
     format_named,
     output_suffix,
 )
-from ..storage.checkpoint import Checkpoint, Shard, open_checkpoint
+from ..storage.checkpoint import Checkpoint, Shard
 from ..storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader
-from ..storage.stream import ShardStream, StreamHasher, TensorChunks
+from ..storage.stream import StreamHasher, TensorChunks
 from ..storage.writer import SafetensorsWriter
 from . import outputs
 from .plan import (
@@ -41,6 +40,7 @@ from .plan import (
 from .provenance import PENDING_HASH, command_line, provenance
 from .reports import NoProgress, Progress, QuantizeReport, TensorReport
 from .rules import Rule, parse_rules
+from .source import Source, SourceShard, SourceStream, open_source
 from .target import TARGET_BITS, choose_for_bits, choose_for_sqnr, measure
 from .tensor import quantized_chunks
 
@@ -92,15 +92,15 @@ def quantize_checkpoint(
     scheme = scheme or fmt.default_scheme
     progress = progress or NoProgress()
     parsed_rules = check_options(fmt, scheme, rules, target_sqnr, target_bits, tensor_parallel)
-    checkpoint = open_checkpoint(source)
-    _refuse_quantized(checkpoint)
+    opened = open_source(source)
+    checkpoint = opened.checkpoint
     output_plan = outputs.plan_output(checkpoint, output,
                                       output_suffix(fmt, scheme, target_bits), fmt.folder_output)
-    config = outputs.model_config(checkpoint)
+    config = opened.float_config()
     deployment = Deployment(tensor_parallel, config)
-    plans = {shard.path.name: plan_shard(shard.header, shard.path, scheme, fmt, include,
+    plans = {shard.path.name: plan_shard(shard.header(), shard.path, scheme, fmt, include,
                                          exclude, deployment, parsed_rules)
-             for shard in checkpoint.shards}
+             for shard in opened.shards}
     warnings = check_patterns(checkpoint.source, [plan for shard_plans in plans.values()
                                                   for plan in shard_plans],
                               include, exclude, parsed_rules)
@@ -110,7 +110,7 @@ def quantize_checkpoint(
         fmt.check_model(_decided(plans))
     else:
         schemes = candidate_schemes(scheme, fmt, TARGET_BITS if target_bits else (scheme.bits,))
-        candidates = measure(checkpoint, plans, schemes, fmt, deployment, chunk_bytes,
+        candidates = measure(opened, plans, schemes, fmt, deployment, chunk_bytes,
                              progress, target_sqnr if target_bits is None else None)
         if target_bits is not None:
             plans = choose_for_bits(checkpoint, plans, candidates, target_bits, target_sqnr,
@@ -139,6 +139,7 @@ def quantize_checkpoint(
     kept_note = kept.note(fmt)
     if kept_note is not None:
         notes += (kept_note,)
+    notes += _read_from(opened)
     if output_plan.folder and fmt.folder_output and config is None:
         notes += (f"no config.json beside the input, so the output has none: loaders need "
                   f"the model's config.json, with what {fmt.name} adds to it",)
@@ -161,14 +162,15 @@ def quantize_checkpoint(
         outputs.check_destination(output_plan, checkpoint, force)
         return report([t for shard in checkpoint.shards for t in report_for(shard, {})])
 
-    magnitudes = _global_magnitudes(checkpoint, plans, fmt, chunk_bytes, progress)
+    magnitudes = _global_magnitudes(opened, plans, fmt, chunk_bytes, progress)
     tensors: list[TensorReport] = []
     progress.start(checkpoint.data_bytes, "quantizing")
     with outputs.Destination(output_plan, checkpoint, force) as destination:
-        for shard in checkpoint.shards:
-            stats = _quantize_shard(shard, plans[shard.path.name], destination.path_for(shard),
-                                    fmt, options, command, error_stats, progress,
-                                    chunk_bytes, magnitudes)
+        for source_shard in opened.shards:
+            shard = source_shard.shard
+            stats = _quantize_shard(source_shard, plans[shard.path.name],
+                                    destination.path_for(shard), fmt, options, command,
+                                    error_stats, progress, chunk_bytes, magnitudes)
             tensors += report_for(shard, stats)
         if output_plan.folder:
             outputs.finish_folder(
@@ -210,7 +212,7 @@ def _decided(plans: dict[str, list[TensorPlan]]) -> dict[str, Scheme | None]:
     return {plan.name: plan.scheme for shard_plans in plans.values() for plan in shard_plans}
 
 
-def _global_magnitudes(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]],
+def _global_magnitudes(source: Source, plans: dict[str, list[TensorPlan]],
                        fmt: ModelFormat, chunk_bytes: int, progress: Progress
                        ) -> dict[str, float]:
     """The largest magnitude of every tensor whose NVFP4 global scale is shared with the
@@ -224,16 +226,16 @@ def _global_magnitudes(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]
     if not shared:
         return {}
     measured = {shard.path.name: [plan for plan in plans[shard.path.name] if plan.name in shared]
-                for shard in checkpoint.shards}
+                for shard in source.shards}
     progress.start(sum(plan.entry.nbytes for found in measured.values() for plan in found),
                    "measuring")
     largest: dict[str, float] = {}
-    for shard in checkpoint.shards:
+    for shard in source.shards:
         found = measured[shard.path.name]
         layout = [(plan.entry, (plan.entry.numel // plan.entry.shape[-1], plan.entry.shape[-1]),
                    1) for plan in found]
         with SafetensorsReader(shard.path) as reader, \
-                ShardStream(reader, layout, chunk_bytes) as stream:
+                SourceStream(shard, reader, layout, chunk_bytes) as stream:
             for plan, (entry, row_shape, _) in zip(found, layout, strict=True):
                 magnitude = 0.0
                 for rows in stream.rows(entry, row_shape):
@@ -255,16 +257,18 @@ def _check_targets(target_sqnr: float | None, target_bits: float | None) -> None
                           f"got {target_bits:g}", hint="for example 4.5 or 6")
 
 
-def _refuse_quantized(checkpoint: Checkpoint) -> None:
-    for shard in checkpoint.shards:
-        found = detect(shard.header)
-        if found is not None:
-            version = found.version(shard.header)
-            raise InputError(
-                located(shard.path, None, f"is already quantized ({found.name} format"
-                        + (f", version {version})" if version else ")")),
-                hint="run qz dequantize first",
-            )
+def _read_from(source: Source) -> tuple[str, ...]:
+    """What the summary says of a quantized input: its weights were read as the values
+    they stand for, and the error is measured against those."""
+    found = [(shard.fmt, weight) for shard in source.shards if shard.fmt is not None
+             for weight in shard.weights]
+    if not found:
+        return ()
+    fmt, weight = found[0]
+    weights = f"{len(found)} quantized weight" + ("s" if len(found) > 1 else "")
+    return (f"the input is quantized ({fmt.name}: {weight.description}): its {weights} "
+            "were read as the values they stand for, and errors are measured against "
+            "those values",)
 
 
 def _refuse_nothing_to_do(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]],
@@ -293,7 +297,7 @@ def _refuse_nothing_to_do(checkpoint: Checkpoint, plans: dict[str, list[TensorPl
 
 
 def _quantize_shard(
-    shard: Shard,
+    source_shard: SourceShard,
     plans: list[TensorPlan],
     target: Path,
     fmt: ModelFormat,
@@ -304,8 +308,9 @@ def _quantize_shard(
     chunk_bytes: int,
     magnitudes: dict[str, float],
 ) -> dict[str, ErrorStats]:
+    shard = source_shard.shard
     hash_source = options.get("hash", True)
-    metadata = fmt.shard_metadata(shard.header.metadata,
+    metadata = fmt.shard_metadata(source_shard.float_metadata(),
                                   [plan.as_quantized_weight() for plan in plans
                                    if plan.quantized])
     # The input's hash is taken from the data as it is read, and written into the header
@@ -327,7 +332,8 @@ def _quantize_shard(
         hasher = StreamHasher(reader) if hash_source else None
         if hasher is not None:
             stack.callback(hasher.close)
-        stream = stack.enter_context(ShardStream(reader, layout, chunk_bytes, hasher))
+        stream = stack.enter_context(SourceStream(source_shard, reader, layout, chunk_bytes,
+                                                  hasher))
         for plan, (entry, row_shape, multiple) in zip(plans, layout, strict=True):
             if row_shape is None:
                 for piece in stream.pieces(entry):

@@ -177,6 +177,7 @@ class InspectReport:
     format_version: str | None = None
     sharded: bool = False
     tensor_metadata_keys: tuple[str, ...] = ()  # metadata describing tensors one by one
+    refused: str | None = None  # what it is, when quantized in a way qz does not read
 
     @property
     def total_bytes(self) -> int:

@@ -19,9 +19,10 @@ from ..errors import InputError, located
 from ..formats import Deployment, ModelFormat
 from ..storage.checkpoint import Checkpoint
 from ..storage.reader import SafetensorsReader
-from ..storage.stream import ShardStream, TensorChunks
+from ..storage.stream import TensorChunks
 from .plan import TensorPlan
 from .reports import Progress
+from .source import Source, SourceStream
 from .tensor import quantized_chunks
 
 #: The bits --target-bits chooses among.
@@ -37,7 +38,7 @@ class Candidate:
     stats: ErrorStats  # of the round trip; empty (exact) when kept
 
 
-def measure(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]], schemes: Sequence[Scheme],
+def measure(source: Source, plans: dict[str, list[TensorPlan]], schemes: Sequence[Scheme],
             fmt: ModelFormat, deployment: Deployment, chunk_bytes: int, progress: Progress,
             enough_db: float | None = None) -> dict[str, list[Candidate]]:
     """The candidates of every tensor of ``plans`` that qz selects and no ``--rule``
@@ -49,12 +50,12 @@ def measure(checkpoint: Checkpoint, plans: dict[str, list[TensorPlan]], schemes:
     progress.start(sum(plan.entry.nbytes for shard_plans in decided.values()
                        for plan in shard_plans) * len(schemes), "measuring")
     candidates = {}
-    for shard in checkpoint.shards:
+    for shard in source.shards:
         measured = decided[shard.path.name]
         layout = [(plan.entry, schemes[0].row_view_shape(plan.entry.shape), 1)
                   for plan in measured]
         with SafetensorsReader(shard.path) as reader, \
-                ShardStream(reader, layout, chunk_bytes) as stream:
+                SourceStream(shard, reader, layout, chunk_bytes) as stream:
             for plan in measured:
                 candidates[plan.name] = _candidates(stream, plan, schemes, fmt, deployment,
                                                     progress, enough_db)
@@ -66,7 +67,7 @@ def _open(plan: TensorPlan) -> bool:
     return plan.selected and plan.rule is None
 
 
-def _candidates(stream: ShardStream, plan: TensorPlan, schemes: Sequence[Scheme],
+def _candidates(stream: SourceStream, plan: TensorPlan, schemes: Sequence[Scheme],
                 fmt: ModelFormat, deployment: Deployment, progress: Progress,
                 enough_db: float | None) -> list[Candidate]:
     entry = plan.entry
@@ -77,7 +78,7 @@ def _candidates(stream: ShardStream, plan: TensorPlan, schemes: Sequence[Scheme]
                 and found[-1].stats.sqnr_db >= enough_db:
             progress.advance(entry.nbytes * (len(schemes) - number), entry.name)
             break
-        if fmt.keep_reason(entry, scheme, deployment) is not None:
+        if scheme.shape_problem(entry.shape) or fmt.keep_reason(entry, scheme, deployment):
             progress.advance(entry.nbytes, entry.name)
             continue
         layout = fmt.layout_for(scheme)

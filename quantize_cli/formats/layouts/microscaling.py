@@ -33,18 +33,23 @@ from ...storage.reader import SafetensorsReader
 from ..layout import (
     Layout,
     Role,
+    StoredLayout,
     StoredTensor,
     StoredWeight,
     pack_bits,
     read_global_scale,
     read_groups,
     read_packed_rows,
+    refuse,
     stored_label,
+    unpack_bits,
 )
 from .names import (
     CT_GLOBAL_SCALE,
     CT_PACKED,
     CT_SCALE,
+    GPT_OSS_BLOCKS,
+    GPT_OSS_SCALES,
     MLX_SCALES,
     QZ_GLOBAL_SCALE,
     QZ_SCALE,
@@ -95,9 +100,14 @@ def _read_scales(reader: SafetensorsReader, weight: StoredWeight, start: int,
     assert scale is not None
     import ml_dtypes
 
-    encoding = (ml_dtypes.float8_e4m3fn if weight.scheme.scale_type == "e4m3"
-                else ml_dtypes.float8_e8m0fnu)
+    encoding = ml_dtypes.float8_e4m3fn if weight.scheme.scale_type == "e4m3" else _e8m0()
     return np.ascontiguousarray(scale).view(np.uint8).view(encoding)
+
+
+def _e8m0() -> Any:
+    import ml_dtypes  # imported when first needed: it takes a while (DESIGN amendment 25)
+
+    return ml_dtypes.float8_e8m0fnu
 
 
 class _Microscaled(Layout):
@@ -148,8 +158,6 @@ class _Microscaled(Layout):
         super().check_rows(weight, rows, path)
         if rows.global_scale is not None and not (np.isfinite(rows.global_scale)
                                                   and rows.global_scale > 0):
-            from ..layout import refuse
-
             raise refuse(path, weight.tensor("global_scale"),
                          "holds a global scale that is not a positive number")
 
@@ -261,3 +269,69 @@ class MlxMicroscaled(_Microscaled):
                first_row: int) -> list[tuple[str, np.ndarray]]:
         return [(entry.name, _code_bytes(result, scheme)),
                 (module_of(entry.name) + MLX_SCALES, result.scale.view(np.uint8))]
+
+
+# -------------------------------------------------------------------------- gpt-oss
+
+
+class GptOssExperts(StoredLayout):
+    """gpt-oss's MXFP4 experts: ``X_blocks`` U8 (experts, out, in / 32, 16), the E2M1
+    codes of each group of 32 packed two to a byte (the first in the low nibble), and
+    ``X_scales`` U8 (experts, out, in / 32), E8M0 exponents (2^(e − 127)). The model (and
+    the BF16 release) holds ``X`` as (experts, in, out): transformers' ``mxfp4``
+    integration (``convert_moe_packed_tensors``) decodes the codes with E2M1's table,
+    multiplies by the powers of two and swaps the last two axes. qz does the same, one
+    expert at a time, so a read holds whole experts.
+
+    qz reads this layout; it writes MXFP4 as its own format, compressed-tensors' or MLX's.
+    """
+
+    name = "gpt-oss mxfp4 experts"
+
+    def match(self, reader: SafetensorsReader, entry: TensorEntry,
+              config: dict[str, Any] | None) -> StoredWeight | None:
+        header = reader.header
+        if not (entry.name.endswith(GPT_OSS_BLOCKS) and entry.dtype == "U8"
+                and len(entry.shape) == 4 and entry.shape[-1] == 16):
+            return None
+        name = entry.name.removesuffix(GPT_OSS_BLOCKS)
+        scales = name + GPT_OSS_SCALES
+        if scales not in header or header[scales].dtype != "U8":
+            return None
+        experts, rows, groups, _ = entry.shape
+        if header[scales].shape != (experts, rows, groups):
+            raise refuse(reader.path, scales, f"has shape {list(header[scales].shape)}, not "
+                         f"one exponent per group of 32 of {name}: "
+                         f"{[experts, rows, groups]}")
+        scheme = Scheme("mxfp4", clip="none")
+        return StoredWeight(name, (experts, groups * 32, rows), "BF16", scheme, "mxfp4",
+                            ((entry.name, "codes"), (scales, "scale")),
+                            "gpt-oss MXFP4 experts", self)
+
+    def weight_row_multiple(self, weight: StoredWeight) -> int:
+        return weight.shape[1]  # the rows of one expert
+
+    def read_rows(self, reader: SafetensorsReader, weight: StoredWeight, start: int,
+                  stop: int) -> QuantizedRows:
+        """Rows [start, stop) of the (experts · in, out) row view: the stored rows of
+        the experts they cover, (experts · out, in) codes and scales."""
+        inputs = weight.shape[1]
+        first, last = start // inputs, -(-stop // inputs)
+        blocks = reader.header[weight.codes]
+        outputs = blocks.shape[1]
+        row_bytes = inputs // 2
+        packed = np.empty(((last - first) * outputs, row_bytes), dtype=np.uint8)
+        reader.read_into(blocks, first * outputs * row_bytes, packed)
+        codes = unpack_bits(packed, 4, inputs).view(weight.scheme.element.dtype())
+        scales_entry = reader.header[weight.tensor("scale") or ""]
+        groups = inputs // 32
+        exponents = np.empty(((last - first) * outputs, groups), dtype=np.uint8)
+        reader.read_into(scales_entry, first * outputs * groups, exponents)
+        return QuantizedRows(codes, exponents.view(_e8m0()))
+
+    def arrange(self, weight: StoredWeight, values: np.ndarray) -> np.ndarray:
+        """(experts · out, in) as stored → (experts · in, out), as the model holds it."""
+        inputs, outputs = weight.shape[1], weight.shape[2]
+        experts = values.shape[0] // outputs
+        return np.ascontiguousarray(values.reshape(experts, outputs, inputs).transpose(
+            0, 2, 1)).reshape(experts * inputs, outputs)
