@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from ..core import ErrorStats, Scheme
+from ..core.stats import OutputError
 from ..jobs.reports import (
     DequantizeReport,
     DiffReport,
@@ -21,7 +22,8 @@ from ..jobs.reports import (
 #: inspect, tensor roles "codes"/"scale"/"zero_point"/"shape", exact comparisons in diff.
 #: 3: quantize's ``notes`` (once ``folder.notes``) and ``warnings`` at the top level;
 #: inspect's ``refused`` (a quantization qz does not read); roles "activation_scale" and
-#: "group_index".
+#: "group_index"; per tensor ``output_stats`` and the totals' ``pooled_output``, the
+#: layer's output error with calibration.
 JSON_SCHEMA_VERSION = 3
 
 
@@ -49,6 +51,13 @@ def stats_json(stats: ErrorStats | None) -> dict[str, Any] | None:
     }
 
 
+def output_json(output: OutputError | None) -> dict[str, Any] | None:
+    if output is None:
+        return None
+    return {"signal": output.signal, "error": output.error,
+            "sqnr_db": _json_number(output.sqnr_db)}
+
+
 def folder_json(folder: FolderReport | None) -> dict[str, Any] | None:
     if folder is None:
         return None
@@ -70,6 +79,7 @@ def _tensor_json(tensor: TensorReport) -> dict[str, Any]:
         "shard": tensor.shard,
         "selected": tensor.selected,
         "stats": stats_json(tensor.stats),
+        "output_stats": output_json(tensor.output),
     }
 
 
@@ -99,6 +109,7 @@ def quantize_json(report: QuantizeReport) -> dict[str, Any]:
             "target_bits": report.target_bits,
             "schemes": dict(report.schemes),
             "pooled": stats_json(pooled),
+            "pooled_output": output_json(report.pooled_output),
             "worst": [t.name for t in report.worst()] if not report.dry_run else [],
         },
     }

@@ -26,12 +26,15 @@ from ..formats import (
     scheme_for,
 )
 from ..jobs import (
+    calibrate_model,
     check_options,
     dequantize_checkpoint,
     diff_checkpoints,
     inspect_checkpoint,
     quantize_checkpoint,
 )
+from ..jobs.calibrate import LENGTH as CALIBRATION_LENGTH
+from ..jobs.calibrate import SEQUENCES as CALIBRATION_SEQUENCES
 from ..jobs.rules import SYNTAX as RULE_SYNTAX
 from ..storage.dtypes import OUTPUT_DTYPES
 from . import documents, views
@@ -135,6 +138,15 @@ def _defaults(said: Callable[[Scheme], str]) -> str:
 @click.option("--tensor-parallel", type=click.IntRange(min=1), default=1, metavar="N",
               help="For formats vLLM runs: keep in float the layers whose slices on N "
                    "GPUs its kernels cannot run (--dry-run shows why).")
+@click.option("--calibration", type=click.Path(path_type=Path), metavar="STATS",
+              help="A statistics file of qz calibrate: quantize each calibrated layer for "
+                   "its output (the scale search weighted by its inputs, and GPTQ), report "
+                   "the output error, and let the targets allocate by it.")
+@click.option("--act-order", is_flag=True,
+              help="With --calibration: GPTQ rounds the columns of largest inputs first "
+                   "(the same output layout).")
+@click.option("--no-gptq", is_flag=True,
+              help="With --calibration: only the weighted scale search, no GPTQ.")
 @click.option("--no-hash", is_flag=True,
               help="Do not record the input's SHA-256 (saves about 0.7 s of one core per GB).")
 @click.option("--no-stats", is_flag=True,
@@ -163,6 +175,9 @@ def quantize(
     dry_run: bool,
     format_name: str,
     tensor_parallel: int,
+    calibration: Path | None,
+    act_order: bool,
+    no_gptq: bool,
     no_hash: bool,
     no_stats: bool,
     json_target: str | None,
@@ -184,7 +199,11 @@ def quantize(
       qz quantize model.safetensors --exclude 'lm_head.*' --dry-run
       qz quantize llama-3-8b/ --target-bits 4.5 --rule 'lm_head.weight=int8'
       qz quantize llama-3-8b/ --format compressed-tensors --method fp8 --per-channel
+      qz quantize llama-3-8b/ --bits 4 --calibration llama-3-8b.calibration.safetensors
     """
+    if (act_order or no_gptq) and calibration is None:
+        raise click.UsageError(f"{'--act-order' if act_order else '--no-gptq'} applies to "
+                               "GPTQ, which needs --calibration")
     chosen = [name for name, given in (("--block", block_size is not None),
                                         ("--per-channel", per_channel),
                                         ("--per-tensor", per_tensor)) if given]
@@ -221,6 +240,7 @@ def quantize(
             dry_run=dry_run, error_stats=not no_stats, target_sqnr=target_sqnr,
             target_bits=target_bits, rules=rules, format=format_name,
             tensor_parallel=tensor_parallel, hash_source=not no_hash,
+            calibration=calibration, gptq=not no_gptq, act_order=act_order,
             progress=progress,
         )
     for warning in report.warnings:  # on stderr even with --quiet: the option did nothing
@@ -232,6 +252,40 @@ def quantize(
         if shown != 0:  # --worst 0: the summary alone
             console.print(views.quantize_table(report, console.width, shown))
         console.print(views.quantize_summary(report))
+
+
+@qz.command(short_help="Measure a model's layer inputs on text, for quantize.")
+@click.argument("input_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--text", "text_path", type=click.Path(path_type=Path), required=True,
+              metavar="FILE", help="UTF-8 text to run the model on (the only text used).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="The statistics file. [default: MODEL.calibration.safetensors beside "
+                   "the model folder]")
+@click.option("--sequences", type=click.IntRange(min=1), default=CALIBRATION_SEQUENCES,
+              show_default=True, help="Windows of text to run.")
+@click.option("--length", type=click.IntRange(min=2), default=CALIBRATION_LENGTH,
+              show_default=True, help="Tokens per window (at most the model's).")
+@click.option("--force", is_flag=True, help="Replace an existing statistics file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@reports_errors
+def calibrate(input_path: Path, text_path: Path, output: Path | None, sequences: int,
+              length: int, force: bool, quiet: bool) -> None:
+    """Run the float model in MODEL (a folder transformers loads) over the text in FILE
+    and record, for every linear layer's inputs, their second moment XᵀX / n, each
+    column's mean square and largest magnitude: what qz quantize --calibration needs to
+    quantize each layer for its output (GPTQ). One file serves any number of quantize
+    runs. Needs torch and transformers: pip install 'qz[calibrate]'.
+
+    \b
+    Example:
+      qz calibrate SmolLM2-135M/ --text prose.txt
+      qz quantize SmolLM2-135M/ --bits 4 --calibration SmolLM2-135M.calibration.safetensors
+    """
+    with progress_for(quiet) as progress:
+        report = calibrate_model(input_path, text_path, output, sequences=sequences,
+                                 length=length, force=force, progress=progress)
+    if not quiet:
+        _stdout_console().print(views.calibrate_summary(report))
 
 
 @qz.command(short_help="Show what a checkpoint holds, from its headers.")

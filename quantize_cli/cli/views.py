@@ -21,6 +21,7 @@ from rich.text import Text
 from ..core import ErrorStats, Scheme
 from ..core.explain import Explanation, GroupSteps
 from ..jobs.reports import (
+    CalibrateReport,
     DequantizeReport,
     DiffReport,
     FolderReport,
@@ -46,6 +47,7 @@ def quantize_table(report: QuantizeReport, width: int, worst: int | None = None)
     """Per-tensor table that fits ``width``: scheme (or why copied) and the error
     statistics; with ``worst``, only that many quantized tensors, lowest SQNR first."""
     shown = report.tensors if worst is None else report.worst(worst)
+    calibrated = report.pooled_output is not None
     if report.dry_run:
         title = "Plan (dry run)"
     elif worst is None:
@@ -68,6 +70,8 @@ def quantize_table(report: QuantizeReport, width: int, worst: int | None = None)
                    Column("Max abs err", "number", drop=8, justify="right"),
                    Column("SQNR dB", "number", justify="right"),
                    Column("Cosine", "number", drop=5, justify="right")]
+        if calibrated:
+            columns.append(Column("Output dB", "number", justify="right"))
     for row in shown:
         cells: list[str | Text] = [
             display_text(row.name), shape_text(row.shape),
@@ -82,6 +86,8 @@ def quantize_table(report: QuantizeReport, width: int, worst: int | None = None)
             cells += [label, "", "", "", ""]
         else:
             cells += [label, *_stats_cells(row.stats)]
+        if calibrated and not report.dry_run:
+            cells.append(db_text(row.output.sqnr_db) if row.output is not None else "")
         for column, cell in zip(columns, cells, strict=True):
             column.cells.append(cell)
     return fitted_table(columns, width, title=title, title_justify="left")
@@ -110,6 +116,12 @@ def quantize_summary(report: QuantizeReport) -> Group:
         lines.append(Text(f"Pooled: SQNR {sqnr_text(pooled.sqnr_db)}, MSE {pooled.mse:.3g}, "
                           f"max abs error {pooled.max_abs_error:.3g}, "
                           f"cosine {pooled.cosine_similarity:.6f}"))
+        output = report.pooled_output
+        if output is not None:
+            calibrated_count = sum(t.output is not None for t in report.quantized)
+            lines.append(Text(f"Output: SQNR {sqnr_text(output.sqnr_db)} over the "
+                              f"{calibrated_count} calibrated layers' outputs (their inputs' "
+                              "second moment from the calibration statistics)"))
         worst = report.worst()
         if worst:
             listed = ", ".join(f"{display_text(t.name)} ({sqnr_text(t.stats.sqnr_db)})"  # type: ignore[union-attr]
@@ -185,6 +197,13 @@ def inspect_table(report: InspectReport, width: int) -> Group:
             metadata.add_row(_name(key), _name(value))
         lines.append(metadata)
     return Group(*lines)
+
+
+def calibrate_summary(report: CalibrateReport) -> Text:
+    return Text(f"Ran {report.sequences} sequences of {report.length} tokens "
+                f"({report.tokens:,} tokens) in {report.seconds:.0f} s; recorded the inputs "
+                f"of {report.layers} linear layers ({report.inputs} distinct); wrote "
+                f"{display_text(str(report.output))}")
 
 
 def dequantize_summary(report: DequantizeReport) -> Group:

@@ -208,13 +208,15 @@ def dequantize_view(
 
 
 def tile_qparams(
-    groups: np.ndarray, scheme: Scheme, values: np.ndarray, storage: Storage = PLAIN
+    groups: np.ndarray, scheme: Scheme, values: np.ndarray, storage: Storage = PLAIN,
+    importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Scale and zero point of every group of a view (shape ``groups.shape[:-1]``), read
     from the view's own dtype (float32, bfloat16 or float16); ``values`` is the float32
     view. Plain rounding uses the group's range; with a clip search, below 8 bits the
     error-optimal search (search.py), at 8 bits the shrink search (clip.py). Scales are
-    values ``storage`` holds (rounded up where plain rounding must not clip)."""
+    values ``storage`` holds (rounded up where plain rounding must not clip).
+    ``importance`` weights the search's error by column (search.py)."""
     if scheme.clip == "none":
         if scheme.symmetric:
             return _plain_absmax(values, group_magnitude(groups), scheme, storage), None
@@ -222,7 +224,7 @@ def tile_qparams(
         return round_scale_up(affine_scale, storage.scale_dtype), affine_zero
     low, high = group_range(groups)
     if scheme.bits < 8:
-        searched, zero_point = search_groups(values, low, high, scheme, storage)
+        searched, zero_point = search_groups(values, low, high, scheme, storage, importance)
         if scheme.clip == "mse" and zero_point is None and storage.divisor is not None:
             # With a format's own rule, plain rounding's scales need not be among the
             # search's candidates, and a search must never lose to plain rounding (found

@@ -165,6 +165,7 @@ def quantize_rows(
     tensor_range: tuple[float, float] | None = None,
     with_stats: bool = False,
     storage: Storage = PLAIN,
+    importance: np.ndarray | None = None,
 ) -> RowResult:
     """Quantize a run of rows of a tensor's 2-D row view (see ``Scheme.row_view_shape``).
 
@@ -180,6 +181,9 @@ def quantize_rows(
     negative scales, a format's own divisor for plain absmax rounding, an offset in the
     weight's dtype (MLX: offset.py), NVFP4's global scale. Float elements go to floats.py.
     For NVFP4, ``tensor_range`` gives the magnitude its global scale is made from.
+    ``importance`` (one value per column: the mean square of each input over calibration
+    data) weights the scale search's error below 8 bits by what each column does to the
+    layer's output (search.py).
 
     >>> result = quantize_rows(np.array([[1.6, -0.7, -3.4, 1.7]], np.float32), Scheme())
     >>> result.codes.tolist(), result.scale.shape
@@ -220,21 +224,26 @@ def quantize_rows(
     # bytes); float64 is read after conversion.
     range_source_is_native = kernels.has_bit_layout(rows.dtype)
 
+    weights = (list(kernels.group_views(np.asarray(importance, np.float32)[None, :], scheme))
+               if importance is not None else None)
+
     def work(tile: slice) -> tuple[ErrorStats | None, tuple[int, int]]:
         tile_stats = None
         native = rows[tile]
         values = float32_tile(native)
         range_source = native if range_source_is_native else values
-        for (view, owned), (range_view, _), (code_view, _) in zip(
+        for number, ((view, owned), (range_view, _), (code_view, _)) in enumerate(zip(
             kernels.group_views(values, scheme), kernels.group_views(range_source, scheme),
             kernels.group_views(codes[tile], scheme), strict=True,
-        ):
+        )):
             if per_tensor:
                 view_scale = np.broadcast_to(scale, view.shape[:2])
                 view_zero = None if zero_point is None else np.broadcast_to(
                     zero_point, view.shape[:2])
             else:
-                view_scale, view_zero = kernels.tile_qparams(range_view, scheme, view, storage)
+                view_scale, view_zero = kernels.tile_qparams(
+                    range_view, scheme, view, storage,
+                    None if weights is None else weights[number][0])
                 scale[tile, owned] = view_scale
                 if zero_point is not None and view_zero is not None:
                     zero_point[tile, owned] = view_zero

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stats import ErrorStats
+from .stats import ErrorStats, OutputError
 
 
 @dataclass(frozen=True)
@@ -42,3 +42,4 @@ class RowResult(QuantizedRows):
 
     stats: ErrorStats | None = None
     code_bounds: tuple[int, int] | None = None
+    output: OutputError | None = None  # the layer's output error, with calibration

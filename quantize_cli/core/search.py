@@ -45,10 +45,15 @@ AFFINE_SHRINK = 0.9
 REFITS = 1
 
 def search_groups(values: np.ndarray, low: np.ndarray, high: np.ndarray, scheme: Scheme,
-                  storage: Storage) -> tuple[np.ndarray, np.ndarray | None]:
+                  storage: Storage, importance: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
     """The scale (float32, of values the storage dtype holds) and zero point (int8, or
     float32 for a fractional one; None for absmax) of every group of a float32
     (rows, groups, length) view; ``low`` ≤ 0 ≤ ``high`` are the groups' ranges.
+    ``importance`` (broadcastable to the view: one value per column) weights each value's
+    squared error by how much it matters to the layer's output, the mean square of its
+    input column over calibration data (llama.cpp's imatrix); the error minimised is then
+    the layer's output error, as far as the input columns are uncorrelated.
 
     >>> x = np.random.default_rng(0).standard_normal((1, 2, 128)).astype(np.float32)
     >>> scale, _ = search_groups(x, x.min(-1), x.max(-1), Scheme("absmax", bits=4),
@@ -56,7 +61,7 @@ def search_groups(values: np.ndarray, low: np.ndarray, high: np.ndarray, scheme:
     >>> [round(float(v), 2) for v in (np.abs(x).max(-1) / scale)[0]]  # plain rounding: 7
     [8.55, 8.51]
     """
-    sums = _Sums(values, weighted=scheme.clip == "weighted")
+    sums = _Sums(values, weighted=scheme.clip == "weighted", importance=importance)
     if scheme.symmetric:
         return _symmetric(values, low, high, scheme, storage, sums), None
     if storage.zero_point == "integer":
@@ -67,13 +72,20 @@ def search_groups(values: np.ndarray, low: np.ndarray, high: np.ndarray, scheme:
 class _Sums:
     """The weighted sums from which a candidate's least-squares fit and error follow."""
 
-    def __init__(self, values: np.ndarray, weighted: bool) -> None:
+    def __init__(self, values: np.ndarray, weighted: bool,
+                 importance: np.ndarray | None = None) -> None:
         self.values = values
         # Sums over a group (≤ a few thousand values) are taken in float32, which is
         # plenty to rank candidates, and combined in float64.
+        weights = None
         if weighted:
             rms = np.sqrt(np.einsum("...i,...i->...", values, values) / values.shape[-1])
-            self.weights: np.ndarray | None = rms[..., None] + np.abs(values)
+            weights = rms[..., None] + np.abs(values)
+        if importance is not None:
+            weights = np.broadcast_to(importance, values.shape).astype(np.float32) * (
+                1 if weights is None else weights)
+        if weights is not None:
+            self.weights: np.ndarray | None = weights
             self.weighted_values = self.weights * values
             self.total = _total(self.weights)
         else:

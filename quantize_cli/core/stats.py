@@ -13,6 +13,19 @@ from .threads import TILE_ELEMENTS, map_tiles
 from .values import FLOAT32_SAFE_MAGNITUDES
 
 
+def decibels(signal: float, error: float) -> float:
+    """10·log10(signal / error): ``inf`` for no error, ``-inf`` for no signal.
+
+    >>> decibels(100.0, 1.0), decibels(1.0, 0.0)
+    (20.0, inf)
+    """
+    if error == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / error)
+
+
 @dataclass(frozen=True)
 class ErrorStats:
     """Sums from which every reported statistic derives; ``merge`` adds two chunks.
@@ -63,11 +76,7 @@ class ErrorStats:
     @property
     def sqnr_db(self) -> float:
         """10·log10(Σx² / Σ(x - x̂)²) in dB; ``inf`` when the round trip is exact."""
-        if self.error_energy == 0.0:
-            return math.inf
-        if self.signal_energy == 0.0:
-            return -math.inf
-        return 10.0 * math.log10(self.signal_energy / self.error_energy)
+        return decibels(self.signal_energy, self.error_energy)
 
     @property
     def cosine_similarity(self) -> float:
@@ -102,6 +111,45 @@ def error_stats(original: npt.ArrayLike, dequantized: npt.ArrayLike) -> ErrorSta
         cross_energy=cross_energy,
         max_abs_error=float(max(error.max(), -error.min())),
     )
+
+
+@dataclass(frozen=True)
+class OutputError:
+    """The error of a layer's output rather than of its weight: for a weight W, its
+    quantized Ŵ and the second moment of the layer's inputs H = XᵀX / n (calibration),
+    ``signal`` = tr(W H Wᵀ) and ``error`` = tr((W − Ŵ) H (W − Ŵ)ᵀ), the mean squared
+    output and output error per token, summed over output channels; ``merge`` adds row
+    chunks.
+
+    >>> OutputError(100.0, 1.0).merge(OutputError(100.0, 1.0)).sqnr_db
+    20.0
+    """
+
+    signal: float = 0.0
+    error: float = 0.0
+
+    def merge(self, other: OutputError) -> OutputError:
+        return OutputError(self.signal + other.signal, self.error + other.error)
+
+    @property
+    def sqnr_db(self) -> float:
+        """10·log10(signal / error) in dB; ``inf`` when the output is exact."""
+        return decibels(self.signal, self.error)
+
+
+def output_error(values: np.ndarray, restored: np.ndarray, hessian: np.ndarray) -> OutputError:
+    """:class:`OutputError` of rows ``values`` (rows, columns) dequantized as ``restored``,
+    for the inputs' second moment ``hessian`` (columns, columns), through BLAS.
+
+    >>> output_error(np.array([[1.0, 0.0]]), np.array([[0.5, 0.0]]), np.eye(2)).sqnr_db
+    6.020599913279624
+    """
+    weights = np.asarray(values, np.float32)
+    difference = weights - np.asarray(restored, np.float32)
+    moment = np.asarray(hessian, np.float32)
+    signal = float(np.einsum("ij,ij->", weights @ moment, weights, dtype=np.float64))
+    error = float(np.einsum("ij,ij->", difference @ moment, difference, dtype=np.float64))
+    return OutputError(max(signal, 0.0), max(error, 0.0))
 
 
 def compare(original: np.ndarray, approximation: np.ndarray) -> ErrorStats:

@@ -85,6 +85,10 @@ def command_line(source: str, options: dict[str, Any]) -> str:
         parts += ["--tensor-parallel", str(options["tensor_parallel"])]
     if options.get("hash") is False:
         parts.append("--no-hash")
+    if options.get("calibration"):
+        parts += ["--calibration", options["calibration"]["file"]]
+        parts += [*(["--no-gptq"] if options.get("gptq") is False else []),
+                  *(["--act-order"] if options.get("act_order") else [])]
     return " ".join(shlex.quote(part) for part in parts)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import ErrorStats, RowResult, Scheme, value_range
+from ..core.stats import OutputError
 from ..errors import InputError, InternalCheckError, SchemeError, located
 from ..formats import (
     DEFAULT_FORMAT,
@@ -28,6 +29,7 @@ from ..storage.reader import DEFAULT_CHUNK_BYTES, SafetensorsReader
 from ..storage.stream import StreamHasher, TensorChunks
 from ..storage.writer import SafetensorsWriter
 from . import outputs
+from .calibration import Calibration, CalibrationStatistics, calibration_of
 from .plan import (
     KeptByFormat,
     TensorPlan,
@@ -61,6 +63,9 @@ def quantize_checkpoint(
     rules: Sequence[str] = (),
     tensor_parallel: int = 1,
     hash_source: bool = True,
+    calibration: str | Path | None = None,
+    gptq: bool = True,
+    act_order: bool = False,
     progress: Progress | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> QuantizeReport:
@@ -77,7 +82,11 @@ def quantize_checkpoint(
     weight (with ``target_sqnr``: among those that reach it). Targets measure the
     candidates first, so they read the data even in a dry run. ``tensor_parallel``
     applies the shape rules of formats that vLLM runs split over that many GPUs.
-    ``hash_source=False`` records no SHA-256 of the input.
+    ``hash_source=False`` records no SHA-256 of the input. ``calibration`` names a
+    statistics file of ``qz calibrate``: each calibrated layer is then quantized for its
+    output (the scale search weighted by its inputs, and, unless ``gptq`` is False, GPTQ;
+    ``act_order`` rounds the columns of largest inputs first), the report gives each its
+    output error beside the weight error, and the targets allocate by the output error.
 
     >>> report = quantize_checkpoint("model.safetensors", scheme=Scheme("affine"))  # doctest: +SKIP
     >>> report.output, report.pooled_stats.sqnr_db                                 # doctest: +SKIP
@@ -94,6 +103,8 @@ def quantize_checkpoint(
     parsed_rules = check_options(fmt, scheme, rules, target_sqnr, target_bits, tensor_parallel)
     opened = open_source(source)
     checkpoint = opened.checkpoint
+    statistics = (CalibrationStatistics(calibration, gptq=gptq, act_order=act_order)
+                  if calibration is not None else None)
     output_plan = outputs.plan_output(checkpoint, output,
                                       output_suffix(fmt, scheme, target_bits), fmt.folder_output)
     config = opened.float_config()
@@ -111,7 +122,8 @@ def quantize_checkpoint(
     else:
         schemes = candidate_schemes(scheme, fmt, TARGET_BITS if target_bits else (scheme.bits,))
         candidates = measure(opened, plans, schemes, fmt, deployment, chunk_bytes,
-                             progress, target_sqnr if target_bits is None else None)
+                             progress, target_sqnr if target_bits is None else None,
+                             statistics)
         if target_bits is not None:
             plans = choose_for_bits(checkpoint, plans, candidates, target_bits, target_sqnr,
                                     fmt)
@@ -132,6 +144,10 @@ def quantize_checkpoint(
                                 ("hash", hash_source, True)):
         if value != default:
             options[key] = value
+    if statistics is not None:
+        options.update(calibration={"file": statistics.path.name,
+                                    "sha256": statistics.sha256()},
+                       gptq=gptq, act_order=act_order)
     command = command_line(checkpoint.source.name, options)
     every = [plan for shard_plans in plans.values() for plan in shard_plans]
     notes = tuple(fmt.notes(list(dict.fromkeys(plan.scheme for plan in every
@@ -144,12 +160,14 @@ def quantize_checkpoint(
         notes += (f"no config.json beside the input, so the output has none: loaders need "
                   f"the model's config.json, with what {fmt.name} adds to it",)
 
-    def report_for(shard: Shard, stats: dict[str, ErrorStats]) -> list[TensorReport]:
+    def report_for(shard: Shard, stats: dict[str, tuple[ErrorStats | None, OutputError | None]]
+                   ) -> list[TensorReport]:
         return [TensorReport(
             name=plan.name, dtype=plan.entry.dtype, shape=plan.entry.shape,
             scheme=plan.scheme, reason=plan.reason, input_bytes=plan.entry.nbytes,
-            output_bytes=plan.output_bytes, stats=stats.get(plan.name),
+            output_bytes=plan.output_bytes, stats=stats.get(plan.name, (None, None))[0],
             shard=shard.path.name if checkpoint.sharded else None, selected=plan.selected,
+            output=stats.get(plan.name, (None, None))[1],
         ) for plan in plans[shard.path.name]]
 
     def report(tensors: list[TensorReport]) -> QuantizeReport:
@@ -170,7 +188,8 @@ def quantize_checkpoint(
             shard = source_shard.shard
             stats = _quantize_shard(source_shard, plans[shard.path.name],
                                     destination.path_for(shard), fmt, options, command,
-                                    error_stats, progress, chunk_bytes, magnitudes)
+                                    error_stats, progress, chunk_bytes, magnitudes,
+                                    statistics)
             tensors += report_for(shard, stats)
         if output_plan.folder:
             outputs.finish_folder(
@@ -307,7 +326,8 @@ def _quantize_shard(
     progress: Progress,
     chunk_bytes: int,
     magnitudes: dict[str, float],
-) -> dict[str, ErrorStats]:
+    statistics: CalibrationStatistics | None,
+) -> dict[str, tuple[ErrorStats | None, OutputError | None]]:
     shard = source_shard.shard
     hash_source = options.get("hash", True)
     metadata = fmt.shard_metadata(source_shard.float_metadata(),
@@ -321,7 +341,7 @@ def _quantize_shard(
     layout = [(plan.entry, plan.scheme.row_view_shape(plan.entry.shape),
                layouts[plan.name].row_multiple(plan.scheme)) if plan.scheme
               else (plan.entry, None, 1) for plan in plans]
-    stats: dict[str, ErrorStats] = {}
+    stats: dict[str, tuple[ErrorStats | None, OutputError | None]] = {}
     with ExitStack() as stack:
         reader = stack.enter_context(SafetensorsReader(shard.path))
         writer = stack.enter_context(SafetensorsWriter(
@@ -340,11 +360,10 @@ def _quantize_shard(
                     writer.write(plan.name, piece)
                     progress.advance(piece.nbytes, plan.name)
                 continue
-            tensor_stats = _quantize_tensor(stream.rows(entry, row_shape, multiple), plan,
-                                            layouts[plan.name], writer, error_stats, progress,
-                                            magnitudes.get(plan.name))
-            if tensor_stats is not None:
-                stats[plan.name] = tensor_stats
+            stats[plan.name] = _quantize_tensor(
+                stream.rows(entry, row_shape, multiple), plan, layouts[plan.name], writer,
+                error_stats, progress, magnitudes.get(plan.name),
+                calibration_of(statistics, plan.entry))
         reader.check_unchanged()
         if hasher is not None:
             metadata.update(provenance(shard.path.name, hasher.digest(), options, command))
@@ -355,19 +374,26 @@ def _quantize_shard(
 
 def _quantize_tensor(chunks: TensorChunks, plan: TensorPlan, layout: Layout,
                      writer: SafetensorsWriter, error_stats: bool, progress: Progress,
-                     magnitude: float | None) -> ErrorStats | None:
+                     magnitude: float | None, calibration: Calibration | None
+                     ) -> tuple[ErrorStats | None, OutputError | None]:
+    """Quantize and write one tensor; its weight error and, when calibrated, its
+    layer's output error (None without statistics)."""
     entry, scheme = plan.entry, plan.scheme
     assert scheme is not None
-    stats = ErrorStats()
+    stats, output = ErrorStats(), OutputError()
     for first_row, rows, result in quantized_chunks(chunks, scheme, layout, error_stats,
-                                                    magnitude):
+                                                    magnitude, calibration):
         _check_produced(layout, writer.target, entry.name, scheme, result)
         for name, values in layout.encode(entry, scheme, result, first_row):
             writer.write(name, values)
         if result.stats is not None:
             stats = stats.merge(result.stats)
+        if result.output is not None:
+            output = output.merge(result.output)
         progress.advance(rows.nbytes, entry.name)
-    return stats if error_stats else None
+    if not error_stats:
+        return None, None
+    return stats, output if calibration is not None else None
 
 
 def _check_produced(layout: Layout, target: Path, name: str, scheme: Scheme,

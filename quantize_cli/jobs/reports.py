@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..core.scheme import Scheme
-from ..core.stats import ErrorStats
+from ..core.stats import ErrorStats, OutputError
 
 
 class Progress(Protocol):
@@ -51,6 +51,7 @@ class TensorReport(NamedTensor):
     stats: ErrorStats | None = None  # None for copied tensors and in a dry run
     shard: str | None = None
     selected: bool = False  # chosen for quantization by the selection rules (jobs/plan.py)
+    output: OutputError | None = None  # the layer's output error, when calibrated
 
     @property
     def bits_per_weight(self) -> float:
@@ -126,10 +127,36 @@ class QuantizeReport:
         """Statistics over every quantized value of the checkpoint together."""
         return ErrorStats.total(tensor.stats for tensor in self.quantized)
 
+    @property
+    def pooled_output(self) -> OutputError | None:
+        """The output error of every calibrated layer together (None: none was)."""
+        outputs = [tensor.output for tensor in self.quantized if tensor.output is not None]
+        if not outputs:
+            return None
+        pooled = OutputError()
+        for output in outputs:
+            pooled = pooled.merge(output)
+        return pooled
+
     def worst(self, count: int = 3) -> list[TensorReport]:
         """The quantized tensors with the lowest SQNR."""
         measured = [(t.stats.sqnr_db, t.name, t) for t in self.quantized if t.stats is not None]
         return [t for _, _, t in sorted(measured)[:count]]
+
+
+# -------------------------------------------------------------------------- calibrate
+
+
+@dataclass(frozen=True)
+class CalibrateReport:
+    source: Path
+    output: Path
+    sequences: int
+    length: int
+    tokens: int
+    layers: int  # linear layers calibrated
+    inputs: int  # distinct inputs recorded (layers that read one input share it)
+    seconds: float
 
 
 # ------------------------------------------------------------------------- dequantize

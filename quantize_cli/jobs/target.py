@@ -20,6 +20,7 @@ from ..formats import Deployment, ModelFormat
 from ..storage.checkpoint import Checkpoint
 from ..storage.reader import SafetensorsReader
 from ..storage.stream import TensorChunks
+from .calibration import Calibration, CalibrationStatistics, calibration_of
 from .plan import TensorPlan
 from .reports import Progress
 from .source import Source, SourceStream
@@ -35,16 +36,21 @@ class Candidate:
 
     scheme: Scheme | None
     output_bytes: int
-    stats: ErrorStats  # of the round trip; empty (exact) when kept
+    # The error the choice is made by: of the weight's round trip, or, with calibration,
+    # of the layer's output (signal and error energies); empty (exact) when kept.
+    stats: ErrorStats
 
 
 def measure(source: Source, plans: dict[str, list[TensorPlan]], schemes: Sequence[Scheme],
             fmt: ModelFormat, deployment: Deployment, chunk_bytes: int, progress: Progress,
-            enough_db: float | None = None) -> dict[str, list[Candidate]]:
+            enough_db: float | None = None,
+            statistics: CalibrationStatistics | None = None) -> dict[str, list[Candidate]]:
     """The candidates of every tensor of ``plans`` that qz selects and no ``--rule``
     decides: keeping it in its dtype first, then each of ``schemes`` the format can store
     for it, with the error each gives; with ``enough_db``, the schemes after the first
-    that reaches it are not measured. Every value read is counted in ``progress``."""
+    that reaches it are not measured. With calibration ``statistics``, a calibrated
+    layer's candidates are quantized for its output, and measured by its output error.
+    Every value read is counted in ``progress``."""
     decided = {name: [plan for plan in shard_plans if _open(plan)]
                for name, shard_plans in plans.items()}
     progress.start(sum(plan.entry.nbytes for shard_plans in decided.values()
@@ -58,7 +64,8 @@ def measure(source: Source, plans: dict[str, list[TensorPlan]], schemes: Sequenc
                 SourceStream(shard, reader, layout, chunk_bytes) as stream:
             for plan in measured:
                 candidates[plan.name] = _candidates(stream, plan, schemes, fmt, deployment,
-                                                    progress, enough_db)
+                                                    progress, enough_db,
+                                                    calibration_of(statistics, plan.entry))
     return candidates
 
 
@@ -69,7 +76,7 @@ def _open(plan: TensorPlan) -> bool:
 
 def _candidates(stream: SourceStream, plan: TensorPlan, schemes: Sequence[Scheme],
                 fmt: ModelFormat, deployment: Deployment, progress: Progress,
-                enough_db: float | None) -> list[Candidate]:
+                enough_db: float | None, calibration: Calibration | None) -> list[Candidate]:
     entry = plan.entry
     found = [Candidate(None, entry.nbytes, ErrorStats())]
     views: dict[tuple[tuple[int, int], int], TensorChunks] = {}
@@ -86,9 +93,13 @@ def _candidates(stream: SourceStream, plan: TensorPlan, schemes: Sequence[Scheme
         if view not in views:
             views[view] = stream.rows(entry, *view)
         stats = ErrorStats()
-        for _, rows, result in quantized_chunks(views[view], scheme, layout, with_stats=True):
+        for _, rows, result in quantized_chunks(views[view], scheme, layout, with_stats=True,
+                                                calibration=calibration):
             assert result.stats is not None
-            stats = stats.merge(result.stats)
+            measured = result.stats if result.output is None else ErrorStats(
+                count=result.stats.count, signal_energy=result.output.signal,
+                error_energy=result.output.error)
+            stats = stats.merge(measured)
             progress.advance(rows.size * entry.nbytes // entry.numel, entry.name)
         found.append(Candidate(scheme, plan.with_scheme(scheme, "", fmt).output_bytes, stats))
     return found
