@@ -139,3 +139,32 @@ def test_calibration_options_and_files_are_checked(tmp_path: Path) -> None:
     short.write_text("the model")
     stderr = run_fail(CliRunner(), 1, "calibrate", str(model), "--text", str(short))
     assert "holds 2 tokens, fewer than one window of 64" in stderr
+
+
+def test_a_causal_language_model_is_calibrated_block_by_block(tmp_path: Path) -> None:
+    # Llama's blocks take position embeddings and masks as keyword arguments, captured
+    # once at the first block and given to every block.
+    folder = tiny_bert(tmp_path / "tokenizer-source")
+    model = tmp_path / "llama"
+    model.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).exists():
+            (model / name).write_bytes((folder / name).read_bytes())
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(WORDS) + 5, hidden_size=64,
+                                      intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(model)
+    stats = tmp_path / "stats.safetensors"
+    run_ok(CliRunner(), "calibrate", str(model), "--text", str(text_file(tmp_path / "t.txt")),
+           "-o", str(stats), "--sequences", "8", "--length", "32", "-q")
+    metadata, _ = read_with_safetensors(stats)
+    layers = json.loads(metadata["qz.calibration"])["layers"]
+    assert layers["model.layers.1.self_attn.v_proj"] == "model.layers.1.self_attn.q_proj"
+    assert layers["model.layers.1.mlp.up_proj"] == "model.layers.1.mlp.gate_proj"
+    assert layers["model.layers.1.mlp.down_proj"] == "model.layers.1.mlp.down_proj"
+    assert len(layers) == 14  # lm_head reads what the final norm makes: not calibrated
+    report = json.loads(run_ok(CliRunner(), "quantize", str(model), "--bits", "4", "--block",
+                               "32", "--calibration", str(stats), "--json", "-"))
+    assert report["totals"]["pooled_output"]["sqnr_db"] > report["totals"]["pooled"]["sqnr_db"]

@@ -42,8 +42,8 @@ def preset(name: str) -> Scheme:
     """
     key = ALIASES.get(name.upper(), name.upper())
     if key in CALIBRATED:
-        raise SchemeError(f"--scheme {name} needs {CALIBRATED[key]}, measured by running "
-                          "the model on calibration data, which qz does not do",
+        raise SchemeError(f"--scheme {name} needs {CALIBRATED[key]}, which qz's exports do "
+                          "not carry (its calibration is for the weights)",
                           hint=f"--scheme {key}_DYNAMIC quantizes activations at run time"
                           if key == "FP8" else "--scheme NVFP4A16 keeps activations in "
                           "16 bits")
