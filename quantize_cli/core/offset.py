@@ -21,6 +21,8 @@ b = −2^(bits−1) · s, exact in T.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import numpy.typing as npt
 
@@ -55,7 +57,7 @@ def dequantize_offset(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray,
 def _dequantize_groups(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray,
                        dtype: np.dtype) -> np.ndarray:
     """:func:`dequantize_offset` of a (rows, groups, length) view."""
-    product = (codes.astype(np.float32) * scale[..., None].astype(np.float32)).astype(dtype)
+    product = (codes * scale[..., None].astype(np.float32)).astype(dtype)
     return (product.astype(np.float32) + bias[..., None].astype(np.float32)).astype(dtype)
 
 
@@ -89,7 +91,8 @@ def quantize_offset_rows(rows: np.ndarray, scheme: Scheme, *,
                                                  strict=True):
             if not np.isfinite(view).all():
                 raise NonFiniteInTile
-            view_codes, view_scale, view_bias, error = _best(_candidates(view, scheme, dtype))
+            view_codes, view_scale, view_bias, error = _best(
+                view, _candidates(view, scheme, dtype), scheme.levels, dtype)
             code_view[...] = view_codes
             scale[tile, owned] = view_scale
             bias[tile, owned] = view_bias
@@ -107,31 +110,54 @@ def quantize_offset_rows(rows: np.ndarray, scheme: Scheme, *,
                      stats=ErrorStats.total(results) if with_stats else None)
 
 
-Candidate = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # codes, s, b, error
+@dataclass(frozen=True)
+class _Candidate:
+    """One way of choosing a group's grid: the float32 scale and bias its codes are
+    chosen with (MLX chooses codes with its unrounded float32 scale), and the scale and
+    bias stored in T, with which they are dequantized."""
+
+    code_scale: np.ndarray
+    code_bias: np.ndarray
+    scale: np.ndarray  # in T
+    bias: np.ndarray  # in T
+    half: int | None = None  # the symmetric grid's codes are rint(x / s) + half
 
 
-def _measure(values: np.ndarray, codes: np.ndarray, scale: np.ndarray, bias: np.ndarray,
-             dtype: np.dtype) -> Candidate:
-    error = values - _dequantize_groups(codes, scale, bias, dtype).astype(np.float32)
-    return codes, scale, bias, error
+def _restored(values: np.ndarray, candidate: _Candidate, levels: int,
+              dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate's codes for the values (integers, in float32), and the float32
+    values they stand for."""
+    if candidate.half is None:
+        codes = _codes_for(values, candidate.code_scale, candidate.code_bias, levels)
+    else:
+        divisor = np.where(candidate.code_scale == 0, 1, candidate.code_scale)[..., None]
+        half = candidate.half
+        codes = np.rint(values / divisor)
+        np.clip(codes, 1 - half, half - 1, out=codes)
+        codes += half
+    return codes, _dequantize_groups(codes, candidate.scale, candidate.bias,
+                                     dtype).astype(np.float32)
 
 
 def _codes_for(values: np.ndarray, scale: np.ndarray, bias: np.ndarray,
                levels: int) -> np.ndarray:
-    """The codes of the grid (scale, bias) nearest to each value, in float32."""
-    divisor = np.where(scale == 0, np.float32(1), scale)[..., None]
-    codes = np.rint((values - bias[..., None]) / divisor)
-    codes = np.where(scale[..., None] == 0, 0, codes)
-    return np.clip(codes, 0, levels).astype(np.uint8)
+    """The codes of the grid (scale, bias) nearest to each value (0 in a group of zero
+    scale), as float32 integers."""
+    zero = scale == 0
+    divisor = np.where(zero, np.float32(1), scale)[..., None]
+    codes: np.ndarray = values - bias[..., None]
+    codes /= divisor
+    np.rint(codes, out=codes)
+    np.clip(codes, 0, levels, out=codes)
+    if zero.any():
+        codes[zero] = 0
+    return codes
 
 
-def _candidates(values: np.ndarray, scheme: Scheme, dtype: np.dtype) -> list[Candidate]:
+def _candidates(values: np.ndarray, scheme: Scheme, dtype: np.dtype) -> list[_Candidate]:
     levels, half = scheme.levels, 1 << (scheme.bits - 1)
-    candidates = []
-    if scheme.symmetric:
-        candidates.append(_symmetric(values, dtype, half))
-    else:
-        candidates += _affine(values, dtype, levels)
+    candidates = [_symmetric(values, dtype, half)] if scheme.symmetric else _affine(
+        values, dtype, levels)
     if scheme.clip != "none":
         # The error-optimal search with what MLX stores: scales of either sign, a free
         # offset, both in T. Its x̂ = s·(q − z), q ∈ [−half, half − 1], is s·u + b with
@@ -143,42 +169,52 @@ def _candidates(values: np.ndarray, scheme: Scheme, dtype: np.dtype) -> list[Can
         zero_point = np.zeros_like(scale) if zero_point is None else zero_point
         bias = (-scale * (np.float32(half) + zero_point)).astype(dtype)
         stored = scale.astype(dtype)
-        candidates.append(_measure(values, _codes_for(values, stored.astype(np.float32),
-                                                      bias.astype(np.float32), levels),
-                                   stored, bias, dtype))
+        candidates.append(_Candidate(stored.astype(np.float32), bias.astype(np.float32),
+                                     stored, bias))
     return candidates
 
 
-def _best(candidates: list[Candidate]) -> Candidate:
-    """Per group, the candidate of smallest squared error (on ties the first)."""
-    errors = np.stack([np.einsum("...i,...i->...", c[3], c[3], dtype=np.float64)
-                       for c in candidates])
-    best = errors.argmin(axis=0)
-    chosen = [part.copy() for part in candidates[0]]
-    for number, candidate in enumerate(candidates[1:], start=1):
-        mask = best == number  # per group; selects whole groups of codes and errors
-        for part, found in zip(chosen, candidate, strict=True):
-            part[mask] = found[mask]
-    return chosen[0], chosen[1], chosen[2], chosen[3]
+def _best(values: np.ndarray, candidates: list[_Candidate], levels: int,
+          dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per group, the candidate of smallest squared error (on ties the first): its codes,
+    scale, bias and the error of every value. Each candidate is measured once; the
+    codes and error of the chosen ones are made once more, group by group at once."""
+    best_error = None
+    choice = np.zeros(values.shape[:-1], dtype=np.intp)
+    for number, candidate in enumerate(candidates):
+        _, restored = _restored(values, candidate, levels, dtype)
+        restored -= values
+        error = np.einsum("...i,...i->...", restored, restored, dtype=np.float64)
+        if best_error is None:
+            best_error = error
+            continue
+        better = error < best_error
+        choice[better] = number
+        best_error = np.where(better, error, best_error)
+    if len(candidates) == 1:
+        chosen = candidates[0]
+    else:
+        def pick(part: str) -> np.ndarray:
+            return np.choose(choice, [getattr(candidate, part) for candidate in candidates])
+
+        chosen = _Candidate(pick("code_scale"), pick("code_bias"), pick("scale"), pick("bias"))
+    codes, restored = _restored(values, chosen, levels, dtype)
+    return codes.astype(np.uint8), chosen.scale, chosen.bias, values - restored
 
 
-def _affine(values: np.ndarray, dtype: np.dtype, levels: int) -> list[Candidate]:
+def _affine(values: np.ndarray, dtype: np.dtype, levels: int) -> list[_Candidate]:
     low, high = values.min(axis=-1), values.max(axis=-1)
-    candidates = []
     # The full range: the bias is the minimum, a value of the group, so exact in T.
     full_scale = round_scale_up((high - low) / np.float32(levels), dtype).astype(dtype)
     full_bias = low.astype(dtype)
-    candidates.append(_measure(values, _codes_for(values, full_scale.astype(np.float32),
-                                                  low, levels), full_scale, full_bias, dtype))
-    # MLX's rule, as mlx.core.quantize computes it in float32.
+    # MLX's rule, as mlx.core.quantize computes it in float32: codes chosen with the
+    # float32 scale, or with the scale and bias as stored.
     mlx_scale, mlx_bias = _mlx_parameters(low, high, levels)
     stored_scale, stored_bias = mlx_scale.astype(dtype), mlx_bias.astype(dtype)
-    candidates.append(_measure(values, _codes_for(values, mlx_scale, mlx_bias, levels),
-                               stored_scale, stored_bias, dtype))
-    candidates.append(_measure(values, _codes_for(values, stored_scale.astype(np.float32),
-                                                  stored_bias.astype(np.float32), levels),
-                               stored_scale, stored_bias, dtype))
-    return candidates
+    return [_Candidate(full_scale.astype(np.float32), low, full_scale, full_bias),
+            _Candidate(mlx_scale, mlx_bias, stored_scale, stored_bias),
+            _Candidate(stored_scale.astype(np.float32), stored_bias.astype(np.float32),
+                       stored_scale, stored_bias)]
 
 
 def _mlx_parameters(low: np.ndarray, high: np.ndarray,
@@ -194,10 +230,8 @@ def _mlx_parameters(low: np.ndarray, high: np.ndarray,
     return refitted.astype(np.float32), np.where(first != 0, edge, 0).astype(np.float32)
 
 
-def _symmetric(values: np.ndarray, dtype: np.dtype, half: int) -> Candidate:
+def _symmetric(values: np.ndarray, dtype: np.dtype, half: int) -> _Candidate:
     magnitude = np.abs(values).max(axis=-1)
     scale = round_scale_up(magnitude / np.float32(half - 1), dtype).astype(dtype)
     bias = (scale.astype(np.float32) * np.float32(-half)).astype(dtype)
-    divisor = np.where(scale == 0, 1, scale.astype(np.float32))[..., None]
-    codes = (np.clip(np.rint(values / divisor), 1 - half, half - 1) + half).astype(np.uint8)
-    return _measure(values, codes, scale, bias, dtype)
+    return _Candidate(scale.astype(np.float32), bias.astype(np.float32), scale, bias, half)

@@ -183,8 +183,10 @@ class Layout(StoredLayout):
             scales_valid &= bool(np.isfinite(result.zero_point.astype(np.float32)).all())
         if result.bias is not None:
             scales_valid &= bool(np.isfinite(result.bias.astype(np.float32)).all())
-        if scheme.element.is_float:  # the cast would have made NaN
-            return scales_valid and not np.isnan(result.codes.astype(np.float32)).any()
+        if scheme.element.is_float:  # the cast would have made NaN: E4M3's 0x7F, 0xFF
+            patterns = result.codes.view(np.uint8)
+            return scales_valid and (scheme.element.bits == 4 or not bool(
+                ((patterns & 0x7F) == 0x7F).any()))
         if result.bias is not None:  # unsigned codes: every one fits
             return scales_valid
         storage = self.storage("F32", scheme)
