@@ -148,3 +148,35 @@ def test_16_bit_inputs_give_the_bytes_of_their_float32_values(x: np.ndarray, sch
     direct, reference = quantize(narrow, scheme), quantize(widened, scheme)
     assert direct.codes.tobytes() == reference.codes.tobytes()
     assert direct.scale.tobytes() == reference.scale.tobytes()
+
+
+def _mlx_group_errors(rows: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, float]:
+    """Per group of 32, the squared error of MLX's dequantization of qz's codes, and the
+    error energy qz reports."""
+    from quantize_cli.core.offset import dequantize_offset, quantize_offset_rows
+
+    result = quantize_offset_rows(rows, scheme, with_stats=True)
+    assert result.bias is not None and result.stats is not None
+    restored = dequantize_offset(result.codes, result.scale, result.bias, 32, rows.dtype)
+    error = (rows.astype(np.float32) - restored.astype(np.float32)).astype(np.float64)
+    return (error.reshape(rows.shape[0], -1, 32) ** 2).sum(-1), result.stats.error_energy
+
+
+@settings(deadline=None, max_examples=150)
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.sampled_from([32, 64, 96])),
+                  elements=st.floats(-4.0, 4.0, width=32)),
+       st.sampled_from(["absmax", "affine"]), st.sampled_from([2, 3, 4, 8]),
+       st.sampled_from(["bfloat16", "float16"]))
+def test_mlx_search_returns_what_it_measured_and_never_loses(
+        x: np.ndarray, method: str, bits: int, dtype: str) -> None:
+    """MLX's search chooses among candidate grids per group: the codes, scale and bias it
+    returns must be the very ones whose error it reports, and no group may end worse than
+    with plain rounding (a symmetric winner once came back with codes rounded on its
+    offset instead of its own grid)."""
+    import ml_dtypes
+
+    rows = x.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+    searched, reported = _mlx_group_errors(rows, Scheme(method, "block", 32, bits=bits))
+    plain, _ = _mlx_group_errors(rows, Scheme(method, "block", 32, bits=bits, clip="none"))
+    assert reported == pytest.approx(float(searched.sum()), rel=1e-5, abs=1e-30)
+    assert (searched <= plain).all()

@@ -156,8 +156,9 @@ def test_ct_scales_are_the_better_of_qz_and_compressed_tensors_rules() -> None:
     values = rows.astype(np.float32)
     magnitude = np.abs(values).max(axis=1, keepdims=True)
     ours = (magnitude / np.float32(127)).astype(ml_dtypes.bfloat16).astype(np.float32)
+    bfloat16 = np.dtype(ml_dtypes.bfloat16)  # nextafter in BF16 needs both operands BF16
     ours = np.where(ours < magnitude / np.float32(127), np.nextafter(
-        ours.astype(ml_dtypes.bfloat16), np.inf).astype(np.float32), ours)  # rounded up
+        ours.astype(bfloat16), np.array(np.inf, bfloat16)).astype(np.float32), ours)
     theirs = (magnitude / np.float32(127.5)).astype(ml_dtypes.bfloat16).astype(np.float32)
     assert np.array_equal(result.scale.astype(ml_dtypes.bfloat16).astype(np.float32),
                           result.scale)
@@ -329,6 +330,20 @@ def test_mlx_round_trip_through_a_file(tmp_path: Path) -> None:
         pytest.approx(result.stats.sqnr_db, abs=1e-4)
     assert MLX.float_config(config) == {"model_type": "llama"}
     assert MLX.float_metadata({"format": "mlx"}) == {"format": "pt"}
+
+
+def test_mlx_symmetric_zero_group_is_coded_as_the_grids_zero() -> None:
+    """An all-zero group on MLX's symmetric grid s·(q − 2^(b−1)) is coded 2^(b−1) (8 at
+    4 bits), with scale 0, beside a group that the search quantizes normally."""
+    from quantize_cli.core.offset import quantize_offset_rows
+
+    rows = np.zeros((1, 64), np.float32)
+    rows[0, 32:] = np.linspace(-1.0, 1.0, 32)
+    result = quantize_offset_rows(rows.astype(ml_dtypes.bfloat16),
+                                  Scheme("absmax", "block", 32, bits=4))
+    assert result.codes[0, :32].tolist() == [8] * 32
+    assert float(result.scale[0, 0]) == 0.0
+    assert result.codes[0, 32] != 8 and float(result.scale[0, 1]) != 0.0
 
 
 def test_mlx_needs_its_config_to_read(tmp_path: Path) -> None:

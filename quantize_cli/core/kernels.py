@@ -229,8 +229,8 @@ def tile_qparams(
             # With a format's own rule, plain rounding's scales need not be among the
             # search's candidates, and a search must never lose to plain rounding (found
             # by hypothesis: [3, 4] at 4 bits in compressed-tensors).
-            plain = _plain_absmax(values, np.maximum(-low, high), scheme, storage)
-            searched = _better(values, searched, plain, *storage.code_range(scheme))
+            searched = _best_scale(values, [searched, *_plain_scales(
+                np.maximum(-low, high), scheme, storage)], *storage.code_range(scheme))
         return searched, zero_point
     if scheme.symmetric:
         magnitude = np.maximum(-low, high)
@@ -245,20 +245,29 @@ def _plain_absmax(values: np.ndarray, magnitude: np.ndarray, scheme: Scheme,
     """Plain absmax rounding: max|x| / 127 (or 7, …) rounded up to a stored value, or
     per group the format's own rule (``storage.divisor``) where that gives the smaller
     error."""
+    return _best_scale(values, _plain_scales(magnitude, scheme, storage),
+                       *storage.code_range(scheme))
+
+
+def _plain_scales(magnitude: np.ndarray, scheme: Scheme, storage: Storage) -> list[np.ndarray]:
+    """qz's plain absmax scale, and the format's own where it has one."""
     scale = round_scale_up(absmax_scale(magnitude, scheme.bits), storage.scale_dtype)
     if storage.divisor is None:
-        return scale
-    own = round_scale_nearest(absmax_scale(magnitude, scheme.bits, storage.divisor),
-                              storage.scale_dtype)
-    return _better(values, scale, own, *storage.code_range(scheme))
+        return [scale]
+    return [scale, round_scale_nearest(absmax_scale(magnitude, scheme.bits, storage.divisor),
+                                       storage.scale_dtype)]
 
 
-def _better(values: np.ndarray, scale: np.ndarray, other: np.ndarray, lowest: int,
-            highest: int) -> np.ndarray:
-    """Per group of a float32 (rows, groups, length) view, the scale of the two whose
-    codes in [lowest, highest] give the smaller squared error (``scale`` on ties)."""
-    errors = []
-    for candidate in (scale, other):
+def _best_scale(values: np.ndarray, scales: list[np.ndarray], lowest: int,
+                highest: int) -> np.ndarray:
+    """Per group of a float32 (rows, groups, length) view, the scale among ``scales``
+    whose codes in [lowest, highest] give the smallest squared error (the first on
+    ties)."""
+    best, *others = scales
+    if not others:
+        return best
+    best_error = None
+    for candidate in scales:
         step = np.where(candidate == 0, np.float32(1), candidate)[..., None]
         codes = scratch(2, values.shape)
         np.divide(values, step, out=codes)
@@ -266,5 +275,10 @@ def _better(values: np.ndarray, scale: np.ndarray, other: np.ndarray, lowest: in
         np.clip(codes, lowest, highest, out=codes)
         np.multiply(codes, candidate[..., None], out=codes)
         np.subtract(values, codes, out=codes)
-        errors.append(np.einsum("...i,...i->...", codes, codes, dtype=np.float64))
-    return np.where(errors[1] < errors[0], other, scale)
+        error = np.einsum("...i,...i->...", codes, codes, dtype=np.float64)
+        if best_error is None:
+            best_error = error
+            continue
+        better = error < best_error
+        best, best_error = np.where(better, candidate, best), np.where(better, error, best_error)
+    return best

@@ -177,29 +177,27 @@ def _candidates(values: np.ndarray, scheme: Scheme, dtype: np.dtype) -> list[_Ca
 def _best(values: np.ndarray, candidates: list[_Candidate], levels: int,
           dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per group, the candidate of smallest squared error (on ties the first): its codes,
-    scale, bias and the error of every value. Each candidate is measured once; the
-    codes and error of the chosen ones are made once more, group by group at once."""
-    best_error = None
-    choice = np.zeros(values.shape[:-1], dtype=np.intp)
-    for number, candidate in enumerate(candidates):
-        _, restored = _restored(values, candidate, levels, dtype)
-        restored -= values
-        error = np.einsum("...i,...i->...", restored, restored, dtype=np.float64)
-        if best_error is None:
-            best_error = error
-            continue
-        better = error < best_error
-        choice[better] = number
-        best_error = np.where(better, error, best_error)
-    if len(candidates) == 1:
-        chosen = candidates[0]
-    else:
-        def pick(part: str) -> np.ndarray:
-            return np.choose(choice, [getattr(candidate, part) for candidate in candidates])
+    scale, bias and the error of every value. A later candidate's codes and errors are
+    copied over the best so far only in the groups it wins."""
 
-        chosen = _Candidate(pick("code_scale"), pick("code_bias"), pick("scale"), pick("bias"))
-    codes, restored = _restored(values, chosen, levels, dtype)
-    return codes.astype(np.uint8), chosen.scale, chosen.bias, values - restored
+    def measured(candidate: _Candidate) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        codes, restored = _restored(values, candidate, levels, dtype)
+        error = np.subtract(values, restored, out=restored)
+        return codes, error, np.einsum("...i,...i->...", error, error, dtype=np.float64)
+
+    first, *others = candidates
+    best_codes, best_error, best_energy = measured(first)
+    best_scale, best_bias = first.scale, first.bias
+    for candidate in others:
+        codes, error, energy = measured(candidate)
+        better = energy < best_energy
+        if better.any():
+            np.copyto(best_codes, codes, where=better[..., None])
+            np.copyto(best_error, error, where=better[..., None])
+            best_energy = np.where(better, energy, best_energy)
+            best_scale = np.where(better, candidate.scale, best_scale)
+            best_bias = np.where(better, candidate.bias, best_bias)
+    return best_codes.astype(np.uint8), best_scale, best_bias, best_error
 
 
 def _affine(values: np.ndarray, dtype: np.dtype, levels: int) -> list[_Candidate]:
