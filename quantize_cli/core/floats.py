@@ -287,30 +287,30 @@ def decode_scale(encoded: np.ndarray, scheme: Scheme, tensor_scale: float) -> np
 def _best_scales(values: np.ndarray, candidates: list[np.ndarray], scheme: Scheme,
                  tensor_scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per group of a (rows, groups, length) view, the candidate scale of least squared
-    error (the first on ties), with its codes and the error of every value."""
+    error (the first on ties), with its codes and the error of every value. A later
+    candidate's values and errors are copied over the best so far only where it wins."""
     element = np.dtype(scheme.element.dtype())
     top = np.float32(scheme.element.largest)
-    best: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # scale, values, error
-    best_error = None
-    for candidate in candidates:
+
+    def measured(candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         step = decode_scale(candidate, scheme, tensor_scale)[..., None]
-        divisor = np.where(step == 0, np.float32(1), step)
-        chosen = _element_values(np.clip(values / divisor, -top, top), element)
-        error = values - chosen * step
-        squared = np.einsum("...i,...i->...", error, error, dtype=np.float64)
-        if best is None or best_error is None:
-            best, best_error = (candidate, chosen, error), squared
-            continue
-        better = squared < best_error
+        quotient = values / np.where(step == 0, np.float32(1), step)
+        chosen = _element_values(np.clip(quotient, -top, top, out=quotient), element)
+        error = np.multiply(chosen, step, out=quotient)
+        np.subtract(values, error, out=error)
+        return chosen, error, np.einsum("...i,...i->...", error, error, dtype=np.float64)
+
+    best_scale, *others = candidates
+    best_values, best_error, best_energy = measured(best_scale)
+    for candidate in others:
+        chosen, error, energy = measured(candidate)
+        better = energy < best_energy
         if better.any():
-            scale, kept, kept_error = best
-            best = (np.where(better, candidate, scale),
-                    np.where(better[..., None], chosen, kept),
-                    np.where(better[..., None], error, kept_error))
-            best_error = np.where(better, squared, best_error)
-    assert best is not None
-    scale, chosen, error = best
-    return scale, _element_codes(chosen, element), error
+            np.copyto(best_values, chosen, where=better[..., None])
+            np.copyto(best_error, error, where=better[..., None])
+            best_scale = np.where(better, candidate, best_scale)
+            best_energy = np.where(better, energy, best_energy)
+    return best_scale, _element_codes(best_values, element), best_error
 
 
 # ---------------------------------------------------------------------------- reading
