@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import DtypeRangeError
-from .kernels import group_magnitude, group_views, view_stats
+from .kernels import copy_groups, group_magnitude, group_views, view_stats
 from .params import Storage, absmax_scale, round_scale_up
 from .rows import RowResult
 from .scheme import Scheme
@@ -306,8 +306,8 @@ def _best_scales(values: np.ndarray, candidates: list[np.ndarray], scheme: Schem
         chosen, error, energy = measured(candidate)
         better = energy < best_energy
         if better.any():
-            np.copyto(best_values, chosen, where=better[..., None])
-            np.copyto(best_error, error, where=better[..., None])
+            copy_groups(best_values, chosen, better)
+            copy_groups(best_error, error, better)
             best_scale = np.where(better, candidate, best_scale)
             best_energy = np.where(better, energy, best_energy)
     return best_scale, _element_codes(best_values, element), best_error

@@ -176,6 +176,17 @@ def quantize_view(
     return view_stats(groups, error, float(np.max(scale)) if scale.size else 0.0)
 
 
+def copy_groups(target: np.ndarray, source: np.ndarray, chosen: np.ndarray) -> None:
+    """Copy the groups of a (rows, groups, length) ``source`` where ``chosen`` (rows,
+    groups) is true into ``target``: as whole rows of memory for groups of 32 values
+    and more (twice as fast as a masked copy), masked below (short runs cost more to
+    gather than to mask)."""
+    if source.shape[-1] >= 32:
+        target[chosen] = source[chosen]
+    else:
+        np.copyto(target, source, where=chosen[..., None])
+
+
 def view_stats(groups: np.ndarray, error: np.ndarray, largest_scale: float) -> ErrorStats:
     values = groups.reshape(-1)  # a copy only for the view of a short tail block
     flat_error = error.reshape(-1)
@@ -210,18 +221,22 @@ def dequantize_view(
 def tile_qparams(
     groups: np.ndarray, scheme: Scheme, values: np.ndarray, storage: Storage = PLAIN,
     importance: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scale and zero point of every group of a view (shape ``groups.shape[:-1]``), read
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Scales and zero point of every group of a view (shape ``groups.shape[:-1]``), read
     from the view's own dtype (float32, bfloat16 or float16); ``values`` is the float32
     view. Plain rounding uses the group's range; with a clip search, below 8 bits the
     error-optimal search (search.py), at 8 bits the shrink search (clip.py). Scales are
     values ``storage`` holds (rounded up where plain rounding must not clip).
-    ``importance`` weights the search's error by column (search.py)."""
+    ``importance`` weights the search's error by column (search.py).
+
+    Where a format has its own rule (``storage.divisor``), absmax gives more than one
+    candidate scale: per group, :func:`quantize_best_view` keeps the one of least error
+    (the first on ties), so that qz never loses to the format's own rounding."""
     if scheme.clip == "none":
         if scheme.symmetric:
-            return _plain_absmax(values, group_magnitude(groups), scheme, storage), None
+            return _plain_scales(group_magnitude(groups), scheme, storage), None
         affine_scale, affine_zero = affine_qparams(*group_range(groups), scheme.bits)
-        return round_scale_up(affine_scale, storage.scale_dtype), affine_zero
+        return [round_scale_up(affine_scale, storage.scale_dtype)], affine_zero
     low, high = group_range(groups)
     if scheme.bits < 8:
         searched, zero_point = search_groups(values, low, high, scheme, storage, importance)
@@ -229,28 +244,19 @@ def tile_qparams(
             # With a format's own rule, plain rounding's scales need not be among the
             # search's candidates, and a search must never lose to plain rounding (found
             # by hypothesis: [3, 4] at 4 bits in compressed-tensors).
-            searched = _best_scale(values, [searched, *_plain_scales(
-                np.maximum(-low, high), scheme, storage)], *storage.code_range(scheme))
-        return searched, zero_point
+            return [searched, *_plain_scales(np.maximum(-low, high), scheme, storage)], None
+        return [searched], zero_point
     if scheme.symmetric:
         magnitude = np.maximum(-low, high)
         low, high = -magnitude, magnitude
     factor = search_factors(values, low, high, scheme.method)
     clipped_scale, zero_point = qparams_from_range(low * factor, high * factor, scheme.method)
-    return round_scale_up(clipped_scale, storage.scale_dtype), zero_point
-
-
-def _plain_absmax(values: np.ndarray, magnitude: np.ndarray, scheme: Scheme,
-                  storage: Storage) -> np.ndarray:
-    """Plain absmax rounding: max|x| / 127 (or 7, …) rounded up to a stored value, or
-    per group the format's own rule (``storage.divisor``) where that gives the smaller
-    error."""
-    return _best_scale(values, _plain_scales(magnitude, scheme, storage),
-                       *storage.code_range(scheme))
+    return [round_scale_up(clipped_scale, storage.scale_dtype)], zero_point
 
 
 def _plain_scales(magnitude: np.ndarray, scheme: Scheme, storage: Storage) -> list[np.ndarray]:
-    """qz's plain absmax scale, and the format's own where it has one."""
+    """Plain absmax rounding's scales: max|x| / 127 (or 7, …) rounded up to a stored
+    value, and the format's own rule (``storage.divisor``) where it has one."""
     scale = round_scale_up(absmax_scale(magnitude, scheme.bits), storage.scale_dtype)
     if storage.divisor is None:
         return [scale]
@@ -258,27 +264,42 @@ def _plain_scales(magnitude: np.ndarray, scheme: Scheme, storage: Storage) -> li
                                        storage.scale_dtype)]
 
 
-def _best_scale(values: np.ndarray, scales: list[np.ndarray], lowest: int,
-                highest: int) -> np.ndarray:
-    """Per group of a float32 (rows, groups, length) view, the scale among ``scales``
-    whose codes in [lowest, highest] give the smallest squared error (the first on
-    ties)."""
-    best, *others = scales
-    if not others:
-        return best
-    best_error = None
-    for candidate in scales:
-        step = np.where(candidate == 0, np.float32(1), candidate)[..., None]
-        codes = scratch(2, values.shape)
-        np.divide(values, step, out=codes)
-        np.rint(codes, out=codes)
-        np.clip(codes, lowest, highest, out=codes)
-        np.multiply(codes, candidate[..., None], out=codes)
-        np.subtract(values, codes, out=codes)
-        error = np.einsum("...i,...i->...", codes, codes, dtype=np.float64)
-        if best_error is None:
-            best_error = error
+def quantize_best_view(
+    groups: np.ndarray,
+    scales: list[np.ndarray],
+    codes: np.ndarray,
+    scheme: Scheme,
+    with_stats: bool,
+    storage: Storage = PLAIN,
+) -> tuple[np.ndarray, ErrorStats | None]:
+    """:func:`quantize_view` of absmax with several candidate scales per group: the scale
+    whose codes give the smallest squared error (the first on ties) and its codes, written
+    into ``codes``; the view's error statistics when asked. Each candidate's codes and
+    errors are made once; a later one is copied over the best so far where it wins."""
+    lowest, highest = storage.code_range(scheme)
+    best_scale, best_codes, best_error, best_energy = scales[0], None, None, None
+    for number, candidate in enumerate(scales):
+        divisor = np.where(candidate == 0, np.float32(1), candidate)[..., None]
+        rounded = scratch(2 if number == 0 else 0, groups.shape)
+        np.divide(groups, divisor, out=rounded)
+        np.rint(rounded, out=rounded)
+        np.clip(rounded, lowest, highest, out=rounded)
+        error = scratch(4 if number == 0 else 1, groups.shape)
+        np.multiply(rounded, candidate[..., None], out=error)
+        np.subtract(groups, error, out=error)
+        energy = np.einsum("...i,...i->...", error, error, dtype=np.float64)
+        if best_codes is None or best_error is None or best_energy is None:
+            best_codes, best_error, best_energy = rounded, error, energy
             continue
-        better = error < best_error
-        best, best_error = np.where(better, candidate, best), np.where(better, error, best_error)
-    return best
+        better = energy < best_energy
+        if better.any():
+            copy_groups(best_codes, rounded, better)
+            copy_groups(best_error, error, better)
+            best_scale = np.where(better, candidate, best_scale)
+            best_energy = np.where(better, energy, best_energy)
+    assert best_codes is not None and best_error is not None
+    np.copyto(codes, best_codes, casting="unsafe")
+    if not with_stats:
+        return best_scale, None
+    return best_scale, view_stats(groups, best_error,
+                                  float(np.max(best_scale)) if best_scale.size else 0.0)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .kernels import group_views, view_stats
+from .kernels import copy_groups, group_views, view_stats
 from .params import Storage, round_scale_up
 from .rows import RowResult
 from .scheme import Scheme
@@ -192,8 +192,8 @@ def _best(values: np.ndarray, candidates: list[_Candidate], levels: int,
         codes, error, energy = measured(candidate)
         better = energy < best_energy
         if better.any():
-            np.copyto(best_codes, codes, where=better[..., None])
-            np.copyto(best_error, error, where=better[..., None])
+            copy_groups(best_codes, codes, better)
+            copy_groups(best_error, error, better)
             best_energy = np.where(better, energy, best_energy)
             best_scale = np.where(better, candidate.scale, best_scale)
             best_bias = np.where(better, candidate.bias, best_bias)

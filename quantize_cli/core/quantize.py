@@ -240,15 +240,22 @@ def quantize_rows(
                 view_scale = np.broadcast_to(scale, view.shape[:2])
                 view_zero = None if zero_point is None else np.broadcast_to(
                     zero_point, view.shape[:2])
+                stats = kernels.quantize_view(view, view_scale, view_zero, code_view, scheme,
+                                              with_stats, storage)
             else:
-                view_scale, view_zero = kernels.tile_qparams(
+                view_scales, view_zero = kernels.tile_qparams(
                     range_view, scheme, view, storage,
                     None if weights is None else weights[number][0])
+                if len(view_scales) == 1:
+                    view_scale = view_scales[0]
+                    stats = kernels.quantize_view(view, view_scale, view_zero, code_view,
+                                                  scheme, with_stats, storage)
+                else:
+                    view_scale, stats = kernels.quantize_best_view(
+                        view, view_scales, code_view, scheme, with_stats, storage)
                 scale[tile, owned] = view_scale
                 if zero_point is not None and view_zero is not None:
                     zero_point[tile, owned] = view_zero
-            stats = kernels.quantize_view(view, view_scale, view_zero, code_view, scheme,
-                                          with_stats, storage)
             if stats is not None:
                 tile_stats = stats if tile_stats is None else tile_stats.merge(stats)
         tile_codes = codes[tile]
