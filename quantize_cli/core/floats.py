@@ -29,12 +29,13 @@ wins ties, so no group is worse than the plain rule, whichever of those rules it
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import DtypeRangeError
-from .kernels import copy_groups, group_magnitude, group_views, view_stats
+from .kernels import Measured, best_per_group, group_magnitude, group_views, view_stats
 from .params import Storage, absmax_scale, round_scale_up
 from .rows import RowResult
 from .scheme import Scheme
@@ -287,30 +288,21 @@ def decode_scale(encoded: np.ndarray, scheme: Scheme, tensor_scale: float) -> np
 def _best_scales(values: np.ndarray, candidates: list[np.ndarray], scheme: Scheme,
                  tensor_scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per group of a (rows, groups, length) view, the candidate scale of least squared
-    error (the first on ties), with its codes and the error of every value. A later
-    candidate's values and errors are copied over the best so far only where it wins."""
+    error (the first on ties), with its codes and the error of every value."""
     element = np.dtype(scheme.element.dtype())
     top = np.float32(scheme.element.largest)
 
-    def measured(candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        step = decode_scale(candidate, scheme, tensor_scale)[..., None]
-        quotient = values / np.where(step == 0, np.float32(1), step)
-        chosen = _element_values(np.clip(quotient, -top, top, out=quotient), element)
-        error = np.multiply(chosen, step, out=quotient)
-        np.subtract(values, error, out=error)
-        return chosen, error, np.einsum("...i,...i->...", error, error, dtype=np.float64)
+    def measured() -> Iterator[Measured]:
+        for candidate in candidates:
+            step = decode_scale(candidate, scheme, tensor_scale)[..., None]
+            quotient = values / np.where(step == 0, np.float32(1), step)
+            chosen = _element_values(np.clip(quotient, -top, top, out=quotient), element)
+            error = np.multiply(chosen, step, out=quotient)
+            yield Measured((candidate,), chosen, np.subtract(values, error, out=error))
 
-    best_scale, *others = candidates
-    best_values, best_error, best_energy = measured(best_scale)
-    for candidate in others:
-        chosen, error, energy = measured(candidate)
-        better = energy < best_energy
-        if better.any():
-            copy_groups(best_values, chosen, better)
-            copy_groups(best_error, error, better)
-            best_scale = np.where(better, candidate, best_scale)
-            best_energy = np.where(better, energy, best_energy)
-    return best_scale, _element_codes(best_values, element), best_error
+    best = best_per_group(measured())
+    (scale,) = best.parameters
+    return scale, _element_codes(best.codes, element), best.error
 
 
 # ---------------------------------------------------------------------------- reading

@@ -176,11 +176,46 @@ def quantize_view(
     return view_stats(groups, error, float(np.max(scale)) if scale.size else 0.0)
 
 
-def copy_groups(target: np.ndarray, source: np.ndarray, chosen: np.ndarray) -> None:
-    """Copy the groups of a (rows, groups, length) ``source`` where ``chosen`` (rows,
-    groups) is true into ``target``: as whole rows of memory for groups of 32 values
-    and more (twice as fast as a masked copy), masked below (short runs cost more to
-    gather than to mask)."""
+@dataclass(frozen=True)
+class Measured:
+    """One candidate grid's outcome over a (rows, groups, length) view: its per-group
+    parameters (scale, bias, …), and per value its codes and error x − x̂."""
+
+    parameters: tuple[np.ndarray, ...]
+    codes: np.ndarray
+    error: np.ndarray
+
+
+def best_per_group(candidates: Iterator[Measured]) -> Measured:
+    """Per group, the candidate of smallest squared error (the first on ties).
+    Candidates are compared as they come, so that only two are held at a time; a later
+    one's codes and errors are copied over the first's arrays in the groups it wins, so
+    each candidate must bring arrays of its own."""
+    best = next(candidates)
+    energy = _energy(best.error)
+    parameters = best.parameters
+    for candidate in candidates:
+        candidate_energy = _energy(candidate.error)
+        better = candidate_energy < energy
+        if better.any():
+            _copy_groups(best.codes, candidate.codes, better)
+            _copy_groups(best.error, candidate.error, better)
+            parameters = tuple(np.where(better, new, old)
+                               for new, old in zip(candidate.parameters, parameters,
+                                                   strict=True))
+            energy = np.where(better, candidate_energy, energy)
+    return Measured(parameters, best.codes, best.error)
+
+
+def _energy(error: np.ndarray) -> np.ndarray:
+    energy: np.ndarray = np.einsum("...i,...i->...", error, error, dtype=np.float64)
+    return energy
+
+
+def _copy_groups(target: np.ndarray, source: np.ndarray, chosen: np.ndarray) -> None:
+    """Copy the groups where ``chosen`` (rows, groups) is true: as whole runs of memory
+    for groups of 32 values and more (twice as fast as a masked copy), masked below
+    (short runs cost more to gather than to mask)."""
     if source.shape[-1] >= 32:
         target[chosen] = source[chosen]
     else:
@@ -275,31 +310,24 @@ def quantize_best_view(
     """:func:`quantize_view` of absmax with several candidate scales per group: the scale
     whose codes give the smallest squared error (the first on ties) and its codes, written
     into ``codes``; the view's error statistics when asked. Each candidate's codes and
-    errors are made once; a later one is copied over the best so far where it wins."""
+    errors are made once."""
     lowest, highest = storage.code_range(scheme)
-    best_scale, best_codes, best_error, best_energy = scales[0], None, None, None
-    for number, candidate in enumerate(scales):
-        divisor = np.where(candidate == 0, np.float32(1), candidate)[..., None]
-        rounded = scratch(2 if number == 0 else 0, groups.shape)
-        np.divide(groups, divisor, out=rounded)
-        np.rint(rounded, out=rounded)
-        np.clip(rounded, lowest, highest, out=rounded)
-        error = scratch(4 if number == 0 else 1, groups.shape)
-        np.multiply(rounded, candidate[..., None], out=error)
-        np.subtract(groups, error, out=error)
-        energy = np.einsum("...i,...i->...", error, error, dtype=np.float64)
-        if best_codes is None or best_error is None or best_energy is None:
-            best_codes, best_error, best_energy = rounded, error, energy
-            continue
-        better = energy < best_energy
-        if better.any():
-            copy_groups(best_codes, rounded, better)
-            copy_groups(best_error, error, better)
-            best_scale = np.where(better, candidate, best_scale)
-            best_energy = np.where(better, energy, best_energy)
-    assert best_codes is not None and best_error is not None
-    np.copyto(codes, best_codes, casting="unsafe")
+
+    def measured() -> Iterator[Measured]:
+        for number, candidate in enumerate(scales):
+            divisor = np.where(candidate == 0, np.float32(1), candidate)[..., None]
+            rounded = scratch(2 if number == 0 else 0, groups.shape)
+            np.divide(groups, divisor, out=rounded)
+            np.rint(rounded, out=rounded)
+            np.clip(rounded, lowest, highest, out=rounded)
+            error = scratch(4 if number == 0 else 1, groups.shape)
+            np.multiply(rounded, candidate[..., None], out=error)
+            np.subtract(groups, error, out=error)
+            yield Measured((candidate,), rounded, error)
+
+    best = best_per_group(measured())
+    (scale,) = best.parameters
+    np.copyto(codes, best.codes, casting="unsafe")
     if not with_stats:
-        return best_scale, None
-    return best_scale, view_stats(groups, best_error,
-                                  float(np.max(best_scale)) if best_scale.size else 0.0)
+        return scale, None
+    return scale, view_stats(groups, best.error, float(np.max(scale)) if scale.size else 0.0)

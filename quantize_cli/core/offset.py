@@ -21,12 +21,13 @@ b = −2^(bits−1) · s, exact in T.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from .kernels import copy_groups, group_views, view_stats
+from .kernels import Measured, best_per_group, group_views, view_stats
 from .params import Storage, round_scale_up
 from .rows import RowResult
 from .scheme import Scheme
@@ -177,27 +178,17 @@ def _candidates(values: np.ndarray, scheme: Scheme, dtype: np.dtype) -> list[_Ca
 def _best(values: np.ndarray, candidates: list[_Candidate], levels: int,
           dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per group, the candidate of smallest squared error (on ties the first): its codes,
-    scale, bias and the error of every value. A later candidate's codes and errors are
-    copied over the best so far only in the groups it wins."""
+    scale, bias and the error of every value."""
 
-    def measured(candidate: _Candidate) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        codes, restored = _restored(values, candidate, levels, dtype)
-        error = np.subtract(values, restored, out=restored)
-        return codes, error, np.einsum("...i,...i->...", error, error, dtype=np.float64)
+    def measured() -> Iterator[Measured]:
+        for candidate in candidates:
+            codes, restored = _restored(values, candidate, levels, dtype)
+            error = np.subtract(values, restored, out=restored)
+            yield Measured((candidate.scale, candidate.bias), codes, error)
 
-    first, *others = candidates
-    best_codes, best_error, best_energy = measured(first)
-    best_scale, best_bias = first.scale, first.bias
-    for candidate in others:
-        codes, error, energy = measured(candidate)
-        better = energy < best_energy
-        if better.any():
-            copy_groups(best_codes, codes, better)
-            copy_groups(best_error, error, better)
-            best_energy = np.where(better, energy, best_energy)
-            best_scale = np.where(better, candidate.scale, best_scale)
-            best_bias = np.where(better, candidate.bias, best_bias)
-    return best_codes.astype(np.uint8), best_scale, best_bias, best_error
+    best = best_per_group(measured())
+    scale, bias = best.parameters
+    return best.codes.astype(np.uint8), scale, bias, best.error
 
 
 def _affine(values: np.ndarray, dtype: np.dtype, levels: int) -> list[_Candidate]:

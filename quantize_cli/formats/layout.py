@@ -311,13 +311,14 @@ def sign_extend(patterns: np.ndarray, bits: int) -> np.ndarray:
 
 
 def offset_binary(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Signed codes plus 2^(bits−1), as uint8: how compressed-tensors packs them."""
-    return (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    """Signed codes plus 2^(bits−1), as uint8: how compressed-tensors packs them. (The
+    sum modulo 256 of the codes' two's-complement bytes: one pass, no widening.)"""
+    return codes.astype(np.int8, copy=False).view(np.uint8) + np.uint8(1 << (bits - 1))
 
 
 def from_offset_binary(values: np.ndarray, bits: int) -> np.ndarray:
     """The inverse of :func:`offset_binary`: int8 codes."""
-    return (values.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+    return (values.astype(np.uint8, copy=False) - np.uint8(1 << (bits - 1))).view(np.int8)
 
 
 # ------------------------------------------------------------------------- reading
