@@ -168,3 +168,29 @@ def test_a_causal_language_model_is_calibrated_block_by_block(tmp_path: Path) ->
     report = json.loads(run_ok(CliRunner(), "quantize", str(model), "--bits", "4", "--block",
                                "32", "--calibration", str(stats), "--json", "-"))
     assert report["totals"]["pooled_output"]["sqnr_db"] > report["totals"]["pooled"]["sqnr_db"]
+
+
+def test_layers_share_an_input_only_while_it_is_the_same_tensor() -> None:
+    """Inputs are matched by address: a temporary freed after the first layer reads it
+    must not make the next layer's new input (same size, often the same address) look
+    shared."""
+    from quantize_cli.jobs.calibrate import _shared_inputs
+    from quantize_cli.jobs.reports import NoProgress
+
+    class Block(torch.nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+            self.third = torch.nn.Linear(64, 64)
+
+        def forward(self, x: Any) -> Any:
+            self.first(x * 2)  # its input is freed as soon as the layer has run
+            shared = x * 3
+            return self.second(shared) + self.third(shared)
+
+    hidden = torch.randn(4, 256, 64)
+    for _ in range(20):  # an address is reused often, not always: ask many times
+        inputs = _shared_inputs([("block", Block())], ([hidden], {}), torch,
+                                NoProgress())
+        assert inputs == {"block.first": "block.first", "block.second": "block.second",
+                          "block.third": "block.second"}

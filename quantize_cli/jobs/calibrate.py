@@ -255,11 +255,15 @@ def _shared_inputs(blocks: list[tuple[str, Any]], first: tuple[list[Any], dict[s
     inputs: dict[str, str] = {}
     for block_name, block in blocks:
         seen: dict[tuple[int, tuple[int, ...]], str] = {}
+        # Every input stays alive until the block has run: a freed input's address could
+        # be given to a later, different one (the MLP's input took attention's, at times).
+        held: list[Any] = []
 
-        def hook_for(name: str, seen: dict[tuple[int, tuple[int, ...]], str] = seen
-                     ) -> Callable[..., None]:
+        def hook_for(name: str, seen: dict[tuple[int, tuple[int, ...]], str] = seen,
+                     held: list[Any] = held) -> Callable[..., None]:
             def hook(module: Any, hook_args: tuple[Any, ...]) -> None:
                 tensor = hook_args[0]
+                held.append(tensor)
                 inputs[name] = seen.setdefault((tensor.data_ptr(), tuple(tensor.shape)), name)
             return hook
 
